@@ -1,0 +1,52 @@
+"""Named exceptions. Every message says what was wrong, shows the values involved and what to do."""
+
+from __future__ import annotations
+
+
+class TraintraceError(Exception):
+    """Base class of every error traintrace raises on purpose."""
+
+
+class CheckpointMismatchError(TraintraceError, ValueError):
+    """A checkpoint's state does not fit the model (missing, unexpected or mis-shaped keys)."""
+
+
+class BatchFormatError(TraintraceError, TypeError):
+    """A batch the task cannot read (wrong container, missing labels, wrong shapes)."""
+
+
+class NonFiniteGradientError(TraintraceError, FloatingPointError):
+    """A per-example gradient (or loss) contains NaN or infinity."""
+
+
+class NotFittedError(TraintraceError, RuntimeError):
+    """An estimator was asked to score before ``fit`` was called."""
+
+
+class FeatureMemoryError(TraintraceError, MemoryError):
+    """Keeping the fitted features in memory would exceed the configured limit."""
+
+
+class DataOrderError(TraintraceError, ValueError):
+    """A data loader whose order is not reproducible (shuffled) was given where indices matter."""
+
+
+class SolverDivergedError(TraintraceError, ArithmeticError):
+    """An iterative solver diverged or produced non-finite values."""
+
+
+class ConfigurationError(TraintraceError, ValueError):
+    """An argument has a value outside what the function accepts."""
+
+
+__all__ = [
+    "BatchFormatError",
+    "CheckpointMismatchError",
+    "ConfigurationError",
+    "DataOrderError",
+    "FeatureMemoryError",
+    "NonFiniteGradientError",
+    "NotFittedError",
+    "SolverDivergedError",
+    "TraintraceError",
+]

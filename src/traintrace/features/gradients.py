@@ -1,0 +1,230 @@
+"""Exact per-example gradients with ``torch.func`` (``vmap(grad(...))``).
+
+The model is evaluated *functionally* at a checkpoint's state (``functional_call``), in eval mode
+(dropout off, BatchNorm uses its running statistics), so the user's model object is not modified.
+One batch of full per-example gradients ``[batch, P]`` exists at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+
+from traintrace.data import batch_size_of, in_dims_of, map_tensors
+from traintrace.exceptions import NonFiniteGradientError, TraintraceError
+from traintrace.features.params import Layers, ParameterLayout, select_parameters
+from traintrace.task import Task
+
+__all__ = ["GradientComputer", "eval_mode"]
+
+Kind = Literal["loss", "measurement"]
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put every module in eval mode for the duration, then restore each module's own flag."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+class _TaskModule(nn.Module):
+    """Wraps model + task so that ``functional_call`` swaps parameters for any custom forward."""
+
+    def __init__(self, model: nn.Module, task: Task) -> None:
+        super().__init__()
+        self.model = model
+        self.task = task
+
+    def forward(self, batch: Any, kind: Kind) -> Tensor:
+        out = self.task.forward(self.model, batch)
+        if kind == "loss":
+            return self.task.loss(out, batch)
+        return self.task.oriented_measurement(out, batch)
+
+
+class _ForwardModule(nn.Module):
+    def __init__(self, model: nn.Module, task: Task) -> None:
+        super().__init__()
+        self.model = model
+        self.task = task
+
+    def forward(self, batch: Any) -> Tensor:
+        return self.task.forward(self.model, batch)
+
+
+def _unsqueeze_batched(sample: Any, dims: Any) -> Any:
+    if isinstance(sample, Tensor):
+        return sample.unsqueeze(0) if dims == 0 else sample
+    if isinstance(sample, Mapping):
+        return {k: _unsqueeze_batched(v, dims[k]) for k, v in sample.items()}
+    if isinstance(sample, (tuple, list)):
+        out = [_unsqueeze_batched(v, d) for v, d in zip(sample, dims, strict=True)]
+        return tuple(out) if isinstance(sample, tuple) else out
+    return sample
+
+
+class GradientComputer:
+    """Per-example gradients of a task's loss (training side) or oriented measurement (query side).
+
+    Args:
+        model: the network; its own parameters are not used, a state is given per call.
+        task: how to read batches and what to differentiate.
+        layers: which parameters (see :func:`select_parameters`).
+
+    Gradients are returned flat, ``[batch, P]``, in :attr:`layout` order. Cost: one vmapped
+    forward+backward per batch, memory ``batch × P`` for the result.
+    """
+
+    def __init__(self, model: nn.Module, task: Task, layers: Layers = None) -> None:
+        self.model = model
+        self.task = task
+        self.names = select_parameters(model, layers)
+        self.layout = ParameterLayout.of(model, self.names)
+        self._wrapper = _TaskModule(model, task)
+        self._use_vmap = True
+
+    def _split_state(
+        self, state: Mapping[str, Tensor]
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        selected = {n: state[n].detach() for n in self.names}
+        fixed = {"model." + k: v.detach() for k, v in state.items() if k not in selected}
+        return selected, fixed
+
+    def function_of_params(
+        self, state: Mapping[str, Tensor], batch: Any, kind: Kind = "loss"
+    ) -> Callable[[Mapping[str, Tensor]], Tensor]:
+        """``params -> per-example values [batch]`` at ``state`` with the selected params swapped.
+
+        ``params`` maps the selected names (:attr:`names`) to tensors; everything else comes from
+        ``state``. Differentiable with ``torch.func`` or autograd; runs the model in eval mode.
+        Used by the curvature layer for Hessian-vector products.
+        """
+        _, fixed = self._split_state(state)
+
+        def fn(params: Mapping[str, Tensor]) -> Tensor:
+            prefixed = {"model." + k: v for k, v in params.items()}
+            with eval_mode(self.model):
+                return functional_call(self._wrapper, (prefixed, fixed), (batch,), {"kind": kind})
+
+        return fn
+
+    def outputs_of_params(
+        self, state: Mapping[str, Tensor], batch: Any
+    ) -> Callable[[Mapping[str, Tensor]], Tensor]:
+        """``params -> model outputs`` (``task.forward``) at ``state``, for Gauss-Newton products.
+
+        Compose with ``task.loss(outputs, batch)`` for the per-example losses.
+        """
+        fixed = {k: v.detach() for k, v in state.items() if k not in self.names}
+
+        def fn(params: Mapping[str, Tensor]) -> Tensor:
+            with eval_mode(self.model):
+                return functional_call(
+                    _ForwardModule(self.model, self.task),
+                    (
+                        {"model." + k: v for k, v in params.items()},
+                        {"model." + k: v for k, v in fixed.items()},
+                    ),
+                    (batch,),
+                )
+
+        return fn
+
+    def selected_state(self, state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """The selected parameters of ``state`` (detached), keyed by name."""
+        return self._split_state(state)[0]
+
+    def values(self, state: Mapping[str, Tensor], batch: Any, kind: Kind = "loss") -> Tensor:
+        """Per-example losses (or oriented measurements) at ``state``, without gradients."""
+        _, fixed = self._split_state(state)
+        params = {"model." + n: state[n].detach() for n in self.names}
+        with eval_mode(self.model), torch.no_grad():
+            return functional_call(self._wrapper, (params, fixed), (batch,), {"kind": kind})
+
+    def per_example(
+        self,
+        state: Mapping[str, Tensor],
+        batch: Any,
+        kind: Kind = "loss",
+        *,
+        offset: int = 0,
+        where: str = "",
+    ) -> Tensor:
+        """Flat per-example gradients ``[batch, P]`` of ``kind`` at ``state``.
+
+        Raises:
+            NonFiniteGradientError: naming the examples (``offset`` + position) and parameters.
+        """
+        selected, fixed = self._split_state(state)
+        size = batch_size_of(batch)
+        dims = in_dims_of(batch, size)
+
+        def one(params: dict[str, Tensor], sample: Any) -> Tensor:
+            sample1 = _unsqueeze_batched(sample, dims)
+            prefixed = {"model." + k: v for k, v in params.items()}
+            value = functional_call(self._wrapper, (prefixed, fixed), (sample1,), {"kind": kind})
+            return value.sum()
+
+        with eval_mode(self.model):
+            grads = None
+            if self._use_vmap:
+                try:
+                    grads = vmap(grad(one), in_dims=(None, dims))(selected, batch)
+                except TraintraceError:
+                    raise
+                except RuntimeError as exc:
+                    warnings.warn(
+                        f"torch.func.vmap could not batch this model ({str(exc).splitlines()[0]}); "
+                        "falling back to one gradient per example (exact, slower)",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
+                    self._use_vmap = False
+            if grads is None:
+                rows = []
+                for i in range(size):
+                    sample = map_tensors(
+                        batch, lambda t, i=i: t[i] if t.ndim >= 1 and t.shape[0] == size else t
+                    )
+                    rows.append(grad(one)(selected, sample))
+                grads = {n: torch.stack([r[n] for r in rows]) for n in self.names}
+        flat = self.layout.flatten(grads, batch_dims=1)
+        check_finite(flat, self.layout, offset=offset, where=where)
+        return flat
+
+
+def check_finite(
+    flat: Tensor,
+    layout: ParameterLayout,
+    *,
+    offset: int = 0,
+    where: str = "",
+    what: str = "gradient",
+) -> None:
+    """Raise :class:`NonFiniteGradientError` naming examples and parameters with NaN/inf."""
+    finite = torch.isfinite(flat)
+    if bool(finite.all()):
+        return
+    bad_rows = (~finite).any(dim=1).nonzero().flatten()
+    bad_params: Sequence[str] = [
+        n for n, sl in layout.slices().items() if not bool(finite[:, sl].all())
+    ]
+    examples = [int(i) + offset for i in bad_rows[:10]]
+    raise NonFiniteGradientError(
+        f"non-finite per-example {what}{' at ' + where if where else ''} for training/query "
+        f"examples {examples}{' ...' if len(bad_rows) > 10 else ''} in parameters "
+        f"{list(bad_params)[:8]}. Check those inputs for NaN/inf, the checkpoint for NaN "
+        "weights, and the loss for log(0) or overflow (train in float32 or lower the learning "
+        "rate if the checkpoint itself diverged)."
+    )

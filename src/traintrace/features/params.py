@@ -1,0 +1,111 @@
+"""Which parameters are differentiated, and how they are laid out in one flat vector.
+
+Every gradient, curvature product and stored feature in traintrace uses the same layout: the
+selected parameters in ``model.named_parameters()`` order, each flattened row-major and
+concatenated. :class:`ParameterLayout` converts between that flat vector and a dict of tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from traintrace.exceptions import ConfigurationError
+
+__all__ = ["ParameterLayout", "last_layer_name", "select_parameters"]
+
+Layers = str | Sequence[str] | None
+
+
+def last_layer_name(model: nn.Module) -> str:
+    """Name of the last module (in registration order) that owns trainable parameters directly."""
+    last = None
+    for name, module in model.named_modules():
+        if any(p.requires_grad for p in module.parameters(recurse=False)):
+            last = name
+    if last is None:
+        raise ConfigurationError(f"{type(model).__name__} has no trainable parameters")
+    return last
+
+
+def select_parameters(model: nn.Module, layers: Layers = None) -> list[str]:
+    """Names of the parameters to differentiate.
+
+    Args:
+        layers: ``None`` for every trainable parameter; ``"last"`` for the parameters of the last
+            module that owns any (see :func:`last_layer_name`); or module names (``"fc2"``,
+            ``"encoder.layer.0"``) and/or parameter names (``"fc2.weight"``), each selecting
+            everything under it.
+    """
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    if layers is None:
+        chosen = trainable
+    else:
+        if isinstance(layers, str):
+            layers = [last_layer_name(model)] if layers == "last" else [layers]
+        chosen = []
+        modules = dict(model.named_modules())
+        for layer in layers:
+            hits = [n for n in trainable if n == layer or n.startswith(layer + ".") or layer == ""]
+            if not hits:
+                avail = [
+                    m
+                    for m in modules
+                    if m and any(True for _ in modules[m].parameters(recurse=False))
+                ]
+                raise ConfigurationError(
+                    f"layers= names {layer!r}, which selects no trainable parameter of "
+                    f"{type(model).__name__}; modules with parameters: {avail[:20]}"
+                    f"{' ...' if len(avail) > 20 else ''} (or 'last', or None for all)"
+                )
+            chosen.extend(h for h in hits if h not in chosen)
+        order = {n: i for i, n in enumerate(trainable)}
+        chosen.sort(key=order.__getitem__)
+    if not chosen:
+        raise ConfigurationError(f"{type(model).__name__} has no trainable parameters")
+    return chosen
+
+
+@dataclass(frozen=True)
+class ParameterLayout:
+    """Names and shapes of the selected parameters, and their slices in the flat vector."""
+
+    names: tuple[str, ...]
+    shapes: tuple[torch.Size, ...]
+
+    @classmethod
+    def of(cls, model: nn.Module, names: Sequence[str]) -> ParameterLayout:
+        params = dict(model.named_parameters())
+        return cls(tuple(names), tuple(params[n].shape for n in names))
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        return tuple(int(torch.Size(s).numel()) for s in self.shapes)
+
+    @property
+    def numel(self) -> int:
+        """Length ``P`` of the flat vector."""
+        return sum(self.sizes)
+
+    def slices(self) -> dict[str, slice]:
+        out, start = {}, 0
+        for n, size in zip(self.names, self.sizes, strict=True):
+            out[n] = slice(start, start + size)
+            start += size
+        return out
+
+    def flatten(self, tensors: Mapping[str, Tensor], batch_dims: int = 0) -> Tensor:
+        """Concatenate ``tensors[name]`` (with ``batch_dims`` leading dims) into ``[..., P]``."""
+        parts = [tensors[n].reshape(*tensors[n].shape[:batch_dims], -1) for n in self.names]
+        return torch.cat(parts, dim=-1)
+
+    def unflatten(self, vector: Tensor) -> dict[str, Tensor]:
+        """Split ``[..., P]`` back into ``{name: [..., *shape]}``."""
+        lead = vector.shape[:-1]
+        return {
+            n: vector[..., sl].reshape(*lead, *shape)
+            for (n, sl), shape in zip(self.slices().items(), self.shapes, strict=True)
+        }
