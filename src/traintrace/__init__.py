@@ -1,0 +1,56 @@
+"""traintrace — trace a model's predictions back to the training examples responsible.
+
+Sign convention everywhere: a positive score means the training example *helps* the query.
+Score matrices are oriented ``[n_query, n_train]``.
+
+    import traintrace as tt
+    tracin = tt.TracIn(model, tt.Classification(), checkpoints=[tt.Checkpoint("ep1.pt", lr=0.1)])
+    tracin.fit(train_dataset)
+    scores = tracin.score(test_dataset)       # [n_test, n_train]
+    top = tracin.top_k(test_dataset, k=10)    # .proponents / .opponents (.indices, .scores)
+    suspicious = tracin.self_influence()      # [n_train]
+"""
+
+from traintrace.checkpoints import Checkpoint
+from traintrace.evaluation import MislabelDetection, mislabel_detection
+from traintrace.exceptions import (
+    BatchFormatError,
+    CheckpointMismatchError,
+    ConfigurationError,
+    DataOrderError,
+    FeatureMemoryError,
+    NonFiniteGradientError,
+    NotFittedError,
+    SolverDivergedError,
+    TraintraceError,
+)
+from traintrace.methods import EmbeddingKNN, Estimator, TracIn
+from traintrace.retrieval import Ranking, TopK
+from traintrace.task import Classification, LanguageModeling, Regression, Task
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BatchFormatError",
+    "Checkpoint",
+    "CheckpointMismatchError",
+    "Classification",
+    "ConfigurationError",
+    "DataOrderError",
+    "EmbeddingKNN",
+    "Estimator",
+    "FeatureMemoryError",
+    "LanguageModeling",
+    "MislabelDetection",
+    "NonFiniteGradientError",
+    "NotFittedError",
+    "Ranking",
+    "Regression",
+    "SolverDivergedError",
+    "Task",
+    "TopK",
+    "TracIn",
+    "TraintraceError",
+    "__version__",
+    "mislabel_detection",
+]

@@ -27,6 +27,12 @@ __all__ = [
 ]
 
 
+BATCH_FORMATS = (
+    "traintrace reads a batch as a tensor of inputs, a tuple/list (inputs..., labels), or a "
+    "mapping with a 'labels' key (Hugging Face style)"
+)
+
+
 def as_loader(data: Dataset | DataLoader, batch_size: int) -> DataLoader:
     """A loader over ``data`` in a fixed order: a Dataset gets ``shuffle=False``."""
     if isinstance(data, DataLoader):
@@ -82,8 +88,8 @@ def batch_size_of(batch: Any) -> int:
         if isinstance(leaf, Tensor) and leaf.ndim >= 1:
             return int(leaf.shape[0])
     raise BatchFormatError(
-        f"the batch ({type(batch).__name__}) holds no tensor with a batch dimension; datasets "
-        "must yield tensors (inputs and labels)"
+        f"the batch ({type(batch).__name__}) holds no tensor with a batch dimension; "
+        f"{BATCH_FORMATS}, made of tensors. Make the Dataset return tensors."
     )
 
 

@@ -27,14 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from traintrace.data import BATCH_FORMATS as _FORMATS
 from traintrace.exceptions import BatchFormatError, ConfigurationError
 
 __all__ = ["Classification", "LanguageModeling", "Regression", "Task"]
-
-_FORMATS = (
-    "traintrace reads a batch as a tensor of inputs, a tuple/list (inputs..., labels), or a "
-    "mapping with a 'labels' key (Hugging Face style)"
-)
 
 
 def _unwrap_outputs(out: Any) -> Tensor:

@@ -21,7 +21,7 @@ from traintrace.exceptions import NonFiniteGradientError, TraintraceError
 from traintrace.features.params import Layers, ParameterLayout, select_parameters
 from traintrace.task import Task
 
-__all__ = ["GradientComputer", "eval_mode"]
+__all__ = ["GradientComputer", "eval_mode", "forward_at"]
 
 Kind = Literal["loss", "measurement"]
 
@@ -61,6 +61,15 @@ class _ForwardModule(nn.Module):
 
     def forward(self, batch: Any) -> Tensor:
         return self.task.forward(self.model, batch)
+
+
+def forward_at(model: nn.Module, task: Task, state: Mapping[str, Tensor], batch: Any) -> Tensor:
+    """``task.forward(model, batch)`` with the model's parameters and buffers taken from ``state``.
+
+    The model object itself is not modified. Runs in the model's current train/eval mode.
+    """
+    prefixed = {"model." + k: v for k, v in state.items()}
+    return functional_call(_ForwardModule(model, task), prefixed, (batch,))
 
 
 def _unsqueeze_batched(sample: Any, dims: Any) -> Any:

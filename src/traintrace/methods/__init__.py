@@ -1,0 +1,7 @@
+"""Layer 5 — the estimators users call."""
+
+from traintrace.methods.base import Estimator
+from traintrace.methods.embedding_knn import EmbeddingKNN
+from traintrace.methods.tracin import TracIn
+
+__all__ = ["EmbeddingKNN", "Estimator", "TracIn"]
