@@ -165,12 +165,7 @@ class Checkpoint:
                 + ". Check that the checkpoint was saved from this architecture (same layer sizes "
                 "and names) with torch.save(model.state_dict(), path)."
             )
-        return {
-            k: state[k].to(
-                device=v.device, dtype=v.dtype if v.is_floating_point() else state[k].dtype
-            )
-            for k, v in expected.items()
-        }
+        return {k: state[k].to(device=v.device, dtype=v.dtype) for k, v in expected.items()}
 
     def fingerprint(self, model: nn.Module) -> str:
         """A short hash of the validated state (stable across runs), for stores and caches."""

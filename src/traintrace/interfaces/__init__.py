@@ -1,0 +1,1 @@
+"""Layer 9 — the command line, the demo and the HTML report."""

@@ -1,0 +1,72 @@
+"""Per-example gradients: vmap equals a loop, the fallback path, parameter selection."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from reference import MLP, ce, loop_gradients
+from torch import nn
+
+import traintrace as tt
+from traintrace.features import (
+    GradientComputer,
+    ParameterLayout,
+    last_layer_name,
+    select_parameters,
+)
+
+
+def test_per_example_equals_loop_and_model_is_untouched():
+    torch.manual_seed(0)
+    model = MLP().double()
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
+    gc = GradientComputer(model, tt.Classification())
+    g = gc.per_example(model.state_dict(), (x, y))
+    expected = loop_gradients(model, model.state_dict(), list(zip(x, y, strict=True)), ce)
+    torch.testing.assert_close(g, expected, rtol=1e-10, atol=1e-12)
+    assert model.training
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+class ItemModel(nn.Module):
+    """Uses .item() in forward: vmap cannot batch it, so the loop fallback must take over."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 2)
+
+    def forward(self, x):
+        scale = 1.0 + 0.0 * x.abs().max().item()
+        return self.fc(x) * scale
+
+
+def test_vmap_failure_falls_back_to_an_exact_loop_with_a_warning():
+    torch.manual_seed(1)
+    model = ItemModel().double()
+    x, y = torch.randn(4, 3, dtype=torch.float64), torch.randint(0, 2, (4,))
+    gc = GradientComputer(model, tt.Classification())
+    with pytest.warns(RuntimeWarning, match="falling back"):
+        g = gc.per_example(model.state_dict(), (x, y))
+    expected = loop_gradients(model, model.state_dict(), list(zip(x, y, strict=True)), ce)
+    torch.testing.assert_close(g, expected)
+
+
+def test_parameter_selection_and_layout_round_trip():
+    model = MLP()
+    assert last_layer_name(model) == "fc2"
+    assert select_parameters(model, "last") == ["fc2.weight", "fc2.bias"]
+    assert select_parameters(model, ["fc2", "fc1.weight"]) == [
+        "fc1.weight",
+        "fc2.weight",
+        "fc2.bias",
+    ]
+    model.fc1.bias.requires_grad_(False)
+    assert "fc1.bias" not in select_parameters(model)
+    layout = ParameterLayout.of(model, select_parameters(model))
+    vec = torch.arange(layout.numel, dtype=torch.float32)
+    torch.testing.assert_close(layout.flatten(layout.unflatten(vec)), vec)
+    with pytest.raises(tt.ConfigurationError, match="modules with parameters"):
+        select_parameters(model, ["decoder"])

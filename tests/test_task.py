@@ -1,0 +1,97 @@
+"""Task layer: batch formats, the margin formula, regression/LM losses, clear errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import traintrace as tt
+
+
+def test_split_reads_tensor_tuple_and_mapping_batches():
+    task = tt.Classification()
+    x, y = torch.randn(4, 3), torch.arange(4)
+    assert task.split(x) == ((x,), {}, None)
+    args, kwargs, labels = task.split((x, x, y))
+    assert len(args) == 2 and kwargs == {} and labels is y
+    args, kwargs, labels = task.split({"input_ids": x, "labels": y})
+    assert args == () and set(kwargs) == {"input_ids"} and labels is y
+    assert task.split([x])[2] is None
+    with pytest.raises(tt.BatchFormatError, match="mapping with a 'labels' key"):
+        task.split("text")
+    with pytest.raises(tt.BatchFormatError, match="no model inputs"):
+        task.split({"labels": y})
+
+
+def test_margin_is_logit_minus_logsumexp_of_the_others():
+    logits = torch.tensor([[2.0, 0.5, -1.0], [0.1, 0.2, 3.0]])
+    y = torch.tensor([1, 2])
+    m = tt.Classification("margin").measurement(logits, (None, y))
+    expected = torch.stack(
+        [
+            logits[0, 1] - torch.logsumexp(logits[0, [0, 2]], 0),
+            logits[1, 2] - torch.logsumexp(logits[1, :2], 0),
+        ]
+    )
+    torch.testing.assert_close(m, expected)
+    # without labels the predicted class is used
+    m_pred = tt.Classification("margin").measurement(logits, torch.zeros(2, 3))
+    torch.testing.assert_close(m_pred[0], logits[0, 0] - torch.logsumexp(logits[0, 1:], 0))
+    # use_labels=False ignores a present label
+    m_ignore = tt.Classification("margin", use_labels=False).measurement(logits, (None, y))
+    torch.testing.assert_close(m_ignore, m_pred)
+    task = tt.Classification("margin")
+    assert task.measurement_higher_is_better
+    torch.testing.assert_close(task.oriented_measurement(logits, (None, y)), -m)
+
+
+def test_loss_and_measurement_orientation():
+    logits, y = torch.randn(5, 4), torch.randint(0, 4, (5,))
+    task = tt.Classification()
+    torch.testing.assert_close(
+        task.loss(logits, (None, y)), F.cross_entropy(logits, y, reduction="none")
+    )
+    assert not task.measurement_higher_is_better
+    torch.testing.assert_close(
+        task.oriented_measurement(logits, (None, y)), task.loss(logits, (None, y))
+    )
+    with pytest.raises(tt.ConfigurationError):
+        tt.Classification("accuracy")
+    with pytest.raises(tt.BatchFormatError, match="needs labels"):
+        task.loss(logits, logits)
+    with pytest.raises(tt.BatchFormatError, match=r"\[batch, classes\]"):
+        task.loss(torch.randn(2, 3, 4), (None, y))
+
+
+def test_regression_is_per_example_mse():
+    out, y = torch.randn(6, 1), torch.randn(6)
+    torch.testing.assert_close(tt.Regression().loss(out, (None, y)), (out[:, 0] - y) ** 2)
+    out2, y2 = torch.randn(3, 2), torch.randn(3, 2)
+    torch.testing.assert_close(tt.Regression().loss(out2, (None, y2)), ((out2 - y2) ** 2).mean(1))
+    with pytest.raises(tt.BatchFormatError, match="same number of values"):
+        tt.Regression().loss(out2, (None, torch.randn(3)))
+
+
+def test_language_modeling_sums_next_token_losses_and_respects_the_mask():
+    logits = torch.randn(2, 5, 7)
+    ids = torch.randint(0, 7, (2, 5))
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    loss = tt.LanguageModeling().loss(logits, {"input_ids": ids, "attention_mask": mask})
+    tok = F.cross_entropy(
+        logits[:, :-1].reshape(-1, 7), ids[:, 1:].reshape(-1), reduction="none"
+    ).view(2, 4)
+    torch.testing.assert_close(loss[0], tok[0].sum())
+    torch.testing.assert_close(loss[1], tok[1, :2].sum())
+
+
+def test_custom_task_subclass():
+    class Poisson(tt.Task):
+        def loss(self, outputs, batch):
+            y = self.labels(batch, required=True)
+            return F.poisson_nll_loss(outputs.squeeze(-1), y, reduction="none")
+
+    out, y = torch.randn(4, 1), torch.rand(4)
+    assert Poisson().measurement(out, (None, y)).shape == (4,)
+    with pytest.raises(NotImplementedError, match="must implement loss"):
+        tt.Task().loss(out, (None, y))
