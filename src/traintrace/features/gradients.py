@@ -169,8 +169,12 @@ class GradientComputer:
         *,
         offset: int = 0,
         where: str = "",
+        out: Tensor | None = None,
     ) -> Tensor:
         """Flat per-example gradients ``[batch, P]`` of ``kind`` at ``state``.
+
+        ``out``, when given (``[batch, P]``, e.g. a slice of a preallocated feature matrix),
+        receives the gradients directly, saving one copy of the batch's gradients.
 
         Raises:
             NonFiniteGradientError: naming the examples (``offset`` + position) and parameters.
@@ -208,7 +212,17 @@ class GradientComputer:
                     )
                     rows.append(grad(one)(selected, sample))
                 grads = {n: torch.stack([r[n] for r in rows]) for n in self.names}
-        flat = self.layout.flatten(grads, batch_dims=1)
+        if out is None:
+            flat = self.layout.flatten(grads, batch_dims=1)
+        else:
+            if out.shape != (size, self.layout.numel):
+                raise ValueError(
+                    f"out has shape {tuple(out.shape)}, expected {(size, self.layout.numel)}"
+                )
+            for name, sl in self.layout.slices().items():
+                out[:, sl].copy_(grads[name].reshape(size, -1))
+            flat = out
+        del grads
         check_finite(flat, self.layout, offset=offset, where=where)
         return flat
 
@@ -222,6 +236,10 @@ def check_finite(
     what: str = "gradient",
 ) -> None:
     """Raise :class:`NonFiniteGradientError` naming examples and parameters with NaN/inf."""
+    # Fast path: one reduction without a [batch, P] boolean temporary; NaN/inf propagate into
+    # the sum. Only when it is non-finite (or overflowed) is the exact elementwise check run.
+    if bool(torch.isfinite(flat.sum())):
+        return
     finite = torch.isfinite(flat)
     if bool(finite.all()):
         return

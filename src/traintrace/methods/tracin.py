@@ -134,24 +134,42 @@ class TracIn(Estimator):
         features: list[Tensor] = []
         total = len(loader) * len(self.checkpoints) if n is not None else None
         bar = tqdm(total=total, desc="TracIn fit", unit="batch", disable=not self.progress)
+        p = self._grads.layout.numel
+        dtype = next(self.model.parameters()).dtype
         for c, (ckpt, state) in enumerate(zip(self.checkpoints, self._states(), strict=True)):
+            # Known length: gradients are written straight into one preallocated matrix.
+            matrix = torch.empty(n, p, dtype=dtype, device=device) if n is not None else None
             rows: list[Tensor] = []
             count = 0
             for offset, batch in iterate_batches(loader, device):
+                size = batch_size_of(batch)
+                if matrix is not None and offset + size > n:
+                    raise ConfigurationError(
+                        f"the training data yielded more than len(dataset)={n} examples"
+                    )
                 g = self._grads.per_example(
-                    state, batch, "loss", offset=offset, where=f"checkpoint {ckpt.name}"
+                    state,
+                    batch,
+                    "loss",
+                    offset=offset,
+                    where=f"checkpoint {ckpt.name}",
+                    out=None if matrix is None else matrix[offset : offset + size],
                 )
-                rows.append(g)
-                count += batch_size_of(batch)
+                if matrix is None:
+                    rows.append(g)
+                count += size
                 if n is None and c == 0:
                     self._check_memory(count)
                 bar.update(1)
-            if c > 0 and count != features[0].shape[0]:
+            expected = n if n is not None else (features[0].shape[0] if features else count)
+            if count != expected:
                 raise ConfigurationError(
                     f"the training data yielded {count} examples at checkpoint {ckpt.name} but "
-                    f"{features[0].shape[0]} before: its order and length must be fixed"
+                    f"{expected} were expected: its order and length must be fixed"
                 )
-            features.append(torch.cat(rows) if rows else torch.empty(0, self._grads.layout.numel))
+            if matrix is None:
+                matrix = torch.cat(rows) if rows else torch.empty(0, p, dtype=dtype, device=device)
+            features.append(matrix)
         bar.close()
         self.train_norms_ = torch.stack([f.norm(dim=1) for f in features])
         if self.normalize:

@@ -1,0 +1,77 @@
+"""Featurizing cost relative to training: time of TracIn.fit per checkpoint / one training epoch.
+
+Both are measured in this one run on the same data and model (an MLP of about 1M parameters),
+so the ratio is meaningful on a shared, noisy machine where absolute seconds are not. The
+physical limit for exact per-example gradients is about one forward and one backward pass per
+example; materializing ``batch × P`` gradients and copying them into the feature matrix costs
+more, which is what this ratio shows.
+
+    .venv/bin/python benchmarks/featurize_vs_epoch.py [--n 512] [--batch 64] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import traintrace as tt
+
+
+def mlp() -> nn.Module:
+    return nn.Sequential(
+        nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 256), nn.ReLU(), nn.Linear(256, 10)
+    )
+
+
+def one_epoch(model: nn.Module, loader: DataLoader, opt: torch.optim.Optimizer) -> float:
+    start = time.perf_counter()
+    for x, y in loader:
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=512, help="training examples")
+    parser.add_argument("--batch", type=int, default=64, help="batch size for both")
+    parser.add_argument("--repeats", type=int, default=3, help="timings per side (median)")
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    model = mlp()
+    n_params = sum(p.numel() for p in model.parameters())
+    data = TensorDataset(torch.randn(args.n, 784), torch.randint(0, 10, (args.n,)))
+    loader = DataLoader(data, batch_size=args.batch, shuffle=False)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    one_epoch(model, loader, opt)  # warm-up
+    ckpt = tt.Checkpoint({k: v.clone() for k, v in model.state_dict().items()}, lr=1e-3)
+    gib = args.n * n_params * 4 / 2**30 * 1.1
+
+    epoch_times, fit_times = [], []
+    for _ in range(args.repeats):  # interleaved, so background load hits both sides alike
+        epoch_times.append(one_epoch(model, loader, opt))
+        est = tt.TracIn(model, tt.Classification(), [ckpt], max_feature_gib=gib, progress=False)
+        start = time.perf_counter()
+        est.fit(loader)
+        fit_times.append(time.perf_counter() - start)
+        del est
+
+    epoch, fit = statistics.median(epoch_times), statistics.median(fit_times)
+    print(
+        f"MLP with {n_params:,} parameters, {args.n} examples, batch {args.batch}, torch {torch.__version__}"
+    )
+    print(f"one training epoch (forward+backward+step): {epoch:.3f} s (median of {args.repeats})")
+    print(f"TracIn.fit, one checkpoint, exact vmap gradients: {fit:.3f} s")
+    print(f"ratio featurize / epoch = {fit / epoch:.1f}")
+
+
+if __name__ == "__main__":
+    main()
