@@ -277,7 +277,7 @@ def _write_report(
         )
 
     # -- mislabel detection ------------------------------------------------------------------
-    rep.heading("Finding mislabeled training images")
+    rep.heading("Finding mislabeled training images", anchor="mislabels")
     fig = Figure(figsize=(5.2, 3.8))
     ax = fig.add_subplot()
     for name, det in detection.items():
@@ -298,7 +298,8 @@ def _write_report(
 
     # -- queries -------------------------------------------------------------------------------
     rep.heading(
-        f"Test images with their top-{cfg.k} proponents, opponents and embedding neighbours"
+        f"Test images with their top-{cfg.k} proponents, opponents and embedding neighbours",
+        anchor="queries",
     )
     rep.paragraph(
         "Embedding neighbours are the most similar training images in the penultimate layer "
@@ -346,7 +347,10 @@ def _write_report(
         rep.gallery(rows)
 
     # -- self-influence ------------------------------------------------------------------------
-    rep.heading(f"The {cfg.top_self_influence} training images with the highest self-influence")
+    rep.heading(
+        f"The {cfg.top_self_influence} training images with the highest self-influence",
+        anchor="self-influence",
+    )
     order = torch.argsort(self_inf, descending=True)[: cfg.top_self_influence]
     hits = int(flipped[order].sum())
     rep.paragraph(
@@ -359,7 +363,7 @@ def _write_report(
             [
                 f"#{int(i)} given {int(y_noisy[i])}",
                 f"predicted {int(train_pred[i])}",
-                "FLIPPED" if flipped[i] else "clean",
+                f"FLIPPED (true {int(y_clean[i])})" if flipped[i] else "clean",
                 f"{float(self_inf[i]):.3g}",
             ],
             bool(flipped[i]),

@@ -26,6 +26,7 @@ table.metrics { border-collapse: collapse; margin: .5rem 0 1rem; }
 table.metrics td, table.metrics th { border: 1px solid #ccc; padding: .25rem .6rem;
        text-align: right; }
 table.metrics th { background: #f4f4f4; }
+table.metrics td:first-child, table.metrics th:first-child { text-align: left; }
 .note { color: #555; font-size: .92rem; }
 .query { border: 1px solid #ddd; border-radius: 6px; padding: .6rem; margin: 1rem 0; }
 .row { display: flex; align-items: flex-start; gap: .4rem; margin: .3rem 0; flex-wrap: wrap; }
@@ -78,8 +79,9 @@ class HTMLReport:
     title: str
     parts: list[str] = field(default_factory=list)
 
-    def heading(self, text: str) -> None:
-        self.parts.append(f"<h2>{html.escape(text)}</h2>")
+    def heading(self, text: str, anchor: str | None = None) -> None:
+        ident = f' id="{html.escape(anchor)}"' if anchor else ""
+        self.parts.append(f"<h2{ident}>{html.escape(text)}</h2>")
 
     def paragraph(self, text: str, *, note: bool = False, raw: bool = False) -> None:
         body = text if raw else html.escape(text)
