@@ -70,3 +70,30 @@ def test_parameter_selection_and_layout_round_trip():
     torch.testing.assert_close(layout.flatten(layout.unflatten(vec)), vec)
     with pytest.raises(tt.ConfigurationError, match="modules with parameters"):
         select_parameters(model, ["decoder"])
+
+
+class TiedLM(nn.Module):
+    """Input embedding and output projection share one weight, as in GPT-2."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(7, 4)
+        self.mix = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 7, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.mix(self.embed(ids).mean(1))))
+
+
+def test_tied_weights_get_one_gradient_summed_over_both_uses():
+    torch.manual_seed(2)
+    model = TiedLM().double()
+    ids, y = torch.randint(0, 7, (5, 3)), torch.randint(0, 7, (5,))
+    state = tt.Checkpoint(model.state_dict(), lr=1.0).state_for(model)
+    assert "head.weight" in state  # state dicts list the tied tensor twice
+    gc = GradientComputer(model, tt.Classification())
+    assert gc.names == ["embed.weight", "mix.weight", "mix.bias"]
+    g = gc.per_example(state, (ids, y))
+    expected = loop_gradients(model, model.state_dict(), list(zip(ids, y, strict=True)), ce)
+    torch.testing.assert_close(g, expected, rtol=1e-10, atol=1e-12)

@@ -18,7 +18,7 @@ from torch.func import functional_call, grad, vmap
 
 from traintrace.data import batch_size_of, in_dims_of, map_tensors
 from traintrace.exceptions import NonFiniteGradientError, TraintraceError
-from traintrace.features.params import Layers, ParameterLayout, select_parameters
+from traintrace.features.params import Layers, ParameterLayout, select_parameters, tied_aliases
 from traintrace.task import Task
 
 __all__ = ["GradientComputer", "eval_mode", "forward_at"]
@@ -68,7 +68,8 @@ def forward_at(model: nn.Module, task: Task, state: Mapping[str, Tensor], batch:
 
     The model object itself is not modified. Runs in the model's current train/eval mode.
     """
-    prefixed = {"model." + k: v for k, v in state.items()}
+    aliases = tied_aliases(model)
+    prefixed = {"model." + k: v for k, v in state.items() if k not in aliases}
     return functional_call(_ForwardModule(model, task), prefixed, (batch,))
 
 
@@ -102,12 +103,17 @@ class GradientComputer:
         self.layout = ParameterLayout.of(model, self.names)
         self._wrapper = _TaskModule(model, task)
         self._use_vmap = True
+        self._aliases = tied_aliases(model)
 
     def _split_state(
         self, state: Mapping[str, Tensor]
     ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         selected = {n: state[n].detach() for n in self.names}
-        fixed = {"model." + k: v.detach() for k, v in state.items() if k not in selected}
+        fixed = {
+            "model." + k: v.detach()
+            for k, v in state.items()
+            if k not in selected and k not in self._aliases
+        }
         return selected, fixed
 
     def function_of_params(
@@ -135,7 +141,11 @@ class GradientComputer:
 
         Compose with ``task.loss(outputs, batch)`` for the per-example losses.
         """
-        fixed = {k: v.detach() for k, v in state.items() if k not in self.names}
+        fixed = {
+            k: v.detach()
+            for k, v in state.items()
+            if k not in self.names and k not in self._aliases
+        }
 
         def fn(params: Mapping[str, Tensor]) -> Tensor:
             with eval_mode(self.model):

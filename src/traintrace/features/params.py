@@ -15,9 +15,26 @@ from torch import Tensor, nn
 
 from traintrace.exceptions import ConfigurationError
 
-__all__ = ["ParameterLayout", "last_layer_name", "select_parameters"]
+__all__ = ["ParameterLayout", "last_layer_name", "select_parameters", "tied_aliases"]
 
 Layers = str | Sequence[str] | None
+
+
+def tied_aliases(model: nn.Module) -> set[str]:
+    """Names under which an already-listed parameter or buffer appears again (tied weights).
+
+    ``model.state_dict()`` lists a tied tensor under every name (GPT-2's ``lm_head.weight`` and
+    ``transformer.wte.weight``); ``named_parameters()`` lists it once. Functional calls must get
+    only the first name, or they would see two values for one tensor.
+    """
+    aliases: set[str] = set()
+    for named in (model.named_parameters, model.named_buffers):
+        seen: set[int] = set()
+        for name, tensor in named(remove_duplicate=False):
+            if id(tensor) in seen:
+                aliases.add(name)
+            seen.add(id(tensor))
+    return aliases
 
 
 def last_layer_name(model: nn.Module) -> str:
