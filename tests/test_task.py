@@ -95,3 +95,14 @@ def test_custom_task_subclass():
     assert Poisson().measurement(out, (None, y)).shape == (4,)
     with pytest.raises(NotImplementedError, match="must implement loss"):
         tt.Task().loss(out, (None, y))
+
+
+def test_binary_single_logit_is_bce_and_signed_margin():
+    s, y = torch.randn(6, 1), torch.tensor([0, 1, 1, 0, 1, 0])
+    task = tt.Classification()
+    torch.testing.assert_close(
+        task.loss(s, (None, y)),
+        F.binary_cross_entropy_with_logits(s[:, 0], y.float(), reduction="none"),
+    )
+    margin = tt.Classification("margin").measurement(s[:, 0], (None, y))
+    torch.testing.assert_close(margin, torch.where(y == 1, s[:, 0], -s[:, 0]))

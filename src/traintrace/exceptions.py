@@ -35,6 +35,10 @@ class SolverDivergedError(TraintraceError, ArithmeticError):
     """An iterative solver diverged or produced non-finite values."""
 
 
+class NotPositiveDefiniteError(SolverDivergedError):
+    """The damped curvature ``C + λI`` is not positive definite, so it has no usable inverse."""
+
+
 class ConfigurationError(TraintraceError, ValueError):
     """An argument has a value outside what the function accepts."""
 
@@ -47,6 +51,7 @@ __all__ = [
     "FeatureMemoryError",
     "NonFiniteGradientError",
     "NotFittedError",
+    "NotPositiveDefiniteError",
     "SolverDivergedError",
     "TraintraceError",
 ]

@@ -179,7 +179,9 @@ class Classification(Task):
             class.
 
     Model outputs must be logits of shape ``[batch, classes]`` (Hugging Face outputs with
-    ``.logits`` are unwrapped). The training loss is ``F.cross_entropy(..., reduction="none")``.
+    ``.logits`` are unwrapped), or one logit per example (``[batch]`` or ``[batch, 1]``) for a
+    binary classifier with labels 0/1, whose loss is then ``BCEWithLogits``. The training loss
+    is ``F.cross_entropy(..., reduction="none")``.
     """
 
     def __init__(
@@ -196,10 +198,18 @@ class Classification(Task):
 
     @staticmethod
     def _logits(outputs: Tensor) -> Tensor:
+        """``[batch, classes]`` logits; a single logit ``s`` (binary) becomes ``[0, s]``.
+
+        With ``[0, s]`` the cross-entropy is ``BCEWithLogits(s, y)`` and the margin is ``±s``.
+        """
+        if outputs.ndim == 1 or (outputs.ndim == 2 and outputs.shape[1] == 1):
+            s = outputs.reshape(-1, 1)
+            return torch.cat([torch.zeros_like(s), s], dim=1)
         if outputs.ndim != 2:
             raise BatchFormatError(
-                f"Classification expects logits of shape [batch, classes], got "
-                f"{tuple(outputs.shape)}; use LanguageModeling for sequences or a custom Task"
+                f"Classification expects logits of shape [batch, classes] (or one logit per "
+                f"example for binary), got {tuple(outputs.shape)}; use LanguageModeling for "
+                "sequences or a custom Task"
             )
         return outputs
 
