@@ -9,9 +9,9 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from traintrace.checkpoints import Checkpoint
-from traintrace.data import as_loader, batch_size_of, dataset_length, iterate_batches
-from traintrace.exceptions import ConfigurationError, FeatureMemoryError
-from traintrace.features.gradients import GradientComputer
+from traintrace.data import as_loader, dataset_length, iterate_batches
+from traintrace.exceptions import ConfigurationError
+from traintrace.features.gradients import GradientComputer, stack_gradients
 from traintrace.features.params import Layers
 from traintrace.methods.base import Data, Estimator
 from traintrace.task import Task
@@ -108,18 +108,6 @@ class TracIn(Estimator):
     def _states(self) -> list[dict[str, Tensor]]:
         return [c.state_for(self.model) for c in self.checkpoints]
 
-    def _check_memory(self, n: int) -> None:
-        p = self._grads.layout.numel
-        itemsize = next(self.model.parameters()).element_size()
-        need = n * p * len(self.checkpoints) * itemsize / _GIB
-        if need > self.max_feature_gib:
-            raise FeatureMemoryError(
-                f"TracIn would keep {n} examples × {p} parameters × {len(self.checkpoints)} "
-                f"checkpoints = {need:.2f} GiB of features in memory, above "
-                f"max_feature_gib={self.max_feature_gib}. Restrict the parameters (layers='last' "
-                "or layers=[module names]), use fewer checkpoints, or raise max_feature_gib."
-            )
-
     def fit(self, train: Data) -> TracIn:
         """Compute and keep the training-set gradients at every checkpoint. Returns ``self``.
 
@@ -128,47 +116,29 @@ class TracIn(Estimator):
         """
         loader = as_loader(train, self.batch_size)
         n = dataset_length(loader)
+        copies = len(self.checkpoints)
         if n is not None:
-            self._check_memory(n)
-        device = _device_of(self.model)
-        features: list[Tensor] = []
-        total = len(loader) * len(self.checkpoints) if n is not None else None
+            self._check_feature_memory(n, self._grads.layout.numel, copies)
+        total = len(loader) * copies if n is not None else None
         bar = tqdm(total=total, desc="TracIn fit", unit="batch", disable=not self.progress)
-        p = self._grads.layout.numel
-        dtype = next(self.model.parameters()).dtype
-        for c, (ckpt, state) in enumerate(zip(self.checkpoints, self._states(), strict=True)):
-            # Known length: gradients are written straight into one preallocated matrix.
-            matrix = torch.empty(n, p, dtype=dtype, device=device) if n is not None else None
-            rows: list[Tensor] = []
-            count = 0
-            for offset, batch in iterate_batches(loader, device):
-                size = batch_size_of(batch)
-                if matrix is not None and offset + size > n:
-                    raise ConfigurationError(
-                        f"the training data yielded more than len(dataset)={n} examples"
-                    )
-                g = self._grads.per_example(
-                    state,
-                    batch,
-                    "loss",
-                    offset=offset,
-                    where=f"checkpoint {ckpt.name}",
-                    out=None if matrix is None else matrix[offset : offset + size],
-                )
-                if matrix is None:
-                    rows.append(g)
-                count += size
-                if n is None and c == 0:
-                    self._check_memory(count)
-                bar.update(1)
-            expected = n if n is not None else (features[0].shape[0] if features else count)
-            if count != expected:
+        features: list[Tensor] = []
+        for ckpt, state in zip(self.checkpoints, self._states(), strict=True):
+            matrix = stack_gradients(
+                self._grads,
+                state,
+                loader,
+                where=f"checkpoint {ckpt.name}",
+                on_rows=lambda count: self._check_feature_memory(
+                    count, self._grads.layout.numel, copies
+                ),
+                progress=bar,
+            )
+            if features and matrix.shape[0] != features[0].shape[0]:
                 raise ConfigurationError(
-                    f"the training data yielded {count} examples at checkpoint {ckpt.name} but "
-                    f"{expected} were expected: its order and length must be fixed"
+                    f"the training data yielded {matrix.shape[0]} examples at checkpoint "
+                    f"{ckpt.name} but {features[0].shape[0]} before: its order and length must "
+                    "be fixed"
                 )
-            if matrix is None:
-                matrix = torch.cat(rows) if rows else torch.empty(0, p, dtype=dtype, device=device)
             features.append(matrix)
         bar.close()
         self.train_norms_ = torch.stack([f.norm(dim=1) for f in features])
