@@ -12,6 +12,7 @@ Score matrices are oriented ``[n_query, n_train]``.
 """
 
 from traintrace.checkpoints import Checkpoint
+from traintrace.curvature import CG, EKFAC, KFAC, MFAC, Arnoldi, Exact, LiSSA
 from traintrace.evaluation import MislabelDetection, mislabel_detection
 from traintrace.exceptions import (
     BatchFormatError,
@@ -21,16 +22,22 @@ from traintrace.exceptions import (
     FeatureMemoryError,
     NonFiniteGradientError,
     NotFittedError,
+    NotPositiveDefiniteError,
     SolverDivergedError,
     TraintraceError,
 )
-from traintrace.methods import EmbeddingKNN, Estimator, TracIn
+from traintrace.methods import EmbeddingKNN, Estimator, InfluenceFunction, TracIn
 from traintrace.retrieval import Ranking, TopK
 from traintrace.task import Classification, LanguageModeling, Regression, Task
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CG",
+    "EKFAC",
+    "KFAC",
+    "MFAC",
+    "Arnoldi",
     "BatchFormatError",
     "Checkpoint",
     "CheckpointMismatchError",
@@ -39,11 +46,15 @@ __all__ = [
     "DataOrderError",
     "EmbeddingKNN",
     "Estimator",
+    "Exact",
     "FeatureMemoryError",
+    "InfluenceFunction",
     "LanguageModeling",
+    "LiSSA",
     "MislabelDetection",
     "NonFiniteGradientError",
     "NotFittedError",
+    "NotPositiveDefiniteError",
     "Ranking",
     "Regression",
     "SolverDivergedError",

@@ -2,6 +2,7 @@
 
 from traintrace.methods.base import Estimator
 from traintrace.methods.embedding_knn import EmbeddingKNN
+from traintrace.methods.influence import InfluenceFunction
 from traintrace.methods.tracin import TracIn
 
-__all__ = ["EmbeddingKNN", "Estimator", "TracIn"]
+__all__ = ["EmbeddingKNN", "Estimator", "InfluenceFunction", "TracIn"]
