@@ -62,12 +62,19 @@ class DictDataset(torch.utils.data.Dataset):
 def perturbed_states(model: nn.Module, count: int, seed: int = 0, scale: float = 0.3) -> list:
     """``count`` different states of ``model`` (random perturbations), as checkpoints would be."""
     gen = torch.Generator().manual_seed(seed)
+    first: dict[int, str] = {}
+    aliases: dict[str, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        aliases.update({name: first[id(p)]} if id(p) in first else {})
+        first.setdefault(id(p), name)
     states = []
     for _ in range(count):
         st = {k: v.clone() for k, v in model.state_dict().items()}
         for k, v in st.items():
-            if v.is_floating_point() and "running_var" not in k:
+            if v.is_floating_point() and "running_var" not in k and k not in aliases:
                 v.add_(scale * torch.randn(v.shape, generator=gen, dtype=v.dtype))
+        for alias, canonical in aliases.items():  # tied weights stay tied, as in a real checkpoint
+            st[alias] = st[canonical]
         states.append(st)
     return states
 

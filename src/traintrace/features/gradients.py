@@ -210,7 +210,8 @@ class GradientComputer:
                 except RuntimeError as exc:
                     warnings.warn(
                         f"torch.func.vmap could not batch this model ({str(exc).splitlines()[0]}); "
-                        "falling back to one gradient per example (exact, slower)",
+                        "falling back to one gradient per example (exact, slower)"
+                        + _hf_attention_hint(self.model),
                         RuntimeWarning,
                         stacklevel=2,
                     )
@@ -236,6 +237,17 @@ class GradientComputer:
         del grads
         check_finite(flat, self.layout, offset=offset, where=where)
         return flat
+
+
+def _hf_attention_hint(model: nn.Module) -> str:
+    """Hugging Face's SDPA attention branches on the mask's values, which vmap cannot batch."""
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    if impl is None or impl == "eager":
+        return ""
+    return (
+        f". This Hugging Face model uses attn_implementation={impl!r}; build it with "
+        "attn_implementation='eager' (same weights and results) to let vmap batch it"
+    )
 
 
 def stack_gradients(
