@@ -11,6 +11,9 @@ Score matrices are oriented ``[n_query, n_train]``.
     suspicious = tracin.self_influence()      # [n_train]
 """
 
+from traintrace.applications.local_ensembles import LocalEnsembles
+from traintrace.applications.spectrum import SpectrumResult, spectrum
+from traintrace.applications.unlearning import unlearn
 from traintrace.checkpoints import Checkpoint
 from traintrace.curvature import CG, EKFAC, KFAC, MFAC, Arnoldi, Exact, LiSSA
 from traintrace.evaluation import MislabelDetection, mislabel_detection
@@ -26,7 +29,13 @@ from traintrace.exceptions import (
     SolverDivergedError,
     TraintraceError,
 )
-from traintrace.methods import EmbeddingKNN, Estimator, InfluenceFunction, TracIn
+from traintrace.methods import (
+    EmbeddingKNN,
+    Estimator,
+    InfluenceFunction,
+    RepresenterPoints,
+    TracIn,
+)
 from traintrace.retrieval import Ranking, TopK
 from traintrace.task import Classification, LanguageModeling, Regression, Task
 
@@ -51,17 +60,22 @@ __all__ = [
     "InfluenceFunction",
     "LanguageModeling",
     "LiSSA",
+    "LocalEnsembles",
     "MislabelDetection",
     "NonFiniteGradientError",
     "NotFittedError",
     "NotPositiveDefiniteError",
     "Ranking",
     "Regression",
+    "RepresenterPoints",
     "SolverDivergedError",
+    "SpectrumResult",
     "Task",
     "TopK",
     "TracIn",
     "TraintraceError",
     "__version__",
     "mislabel_detection",
+    "spectrum",
+    "unlearn",
 ]

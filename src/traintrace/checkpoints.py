@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from traintrace.exceptions import CheckpointMismatchError, ConfigurationError
 
-__all__ = ["Checkpoint"]
+__all__ = ["Checkpoint", "require_checkpoint"]
 
 _STATE_KEYS = ("model_state_dict", "state_dict", "model")
 _OPTIMIZER_KEYS = ("optimizer_state_dict", "optimizer")
@@ -179,3 +179,14 @@ class Checkpoint:
 def _short(items: list[str], limit: int = 8) -> str:
     shown = ", ".join(items[:limit])
     return f"[{shown}{', ...' if len(items) > limit else ''}] ({len(items)} in all)"
+
+
+def require_checkpoint(checkpoint: Any) -> Checkpoint:
+    """``checkpoint`` if it is a :class:`Checkpoint`, else a :class:`ConfigurationError`."""
+    if not isinstance(checkpoint, Checkpoint):
+        raise ConfigurationError(
+            f"checkpoint must be a traintrace.Checkpoint, got {type(checkpoint).__name__}; wrap "
+            "a state dict or path as tt.Checkpoint(state) (tt.Checkpoint(model.state_dict()) for "
+            "the model's current parameters)"
+        )
+    return checkpoint

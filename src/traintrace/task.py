@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from traintrace.data import BATCH_FORMATS as _FORMATS
 from traintrace.exceptions import BatchFormatError, ConfigurationError
 
-__all__ = ["Classification", "LanguageModeling", "Regression", "Task"]
+__all__ = ["Classification", "LanguageModeling", "Regression", "Task", "require_task"]
 
 
 def _unwrap_outputs(out: Any) -> Tensor:
@@ -155,6 +155,16 @@ class Task:
             f"{type(self).__name__} does not define sample_loss; implement it to use the true "
             "Fisher, or use the empirical Fisher (sampled_labels=False)"
         )
+
+
+def require_task(task: Any) -> Task:
+    """``task`` if it is a :class:`Task`, else a :class:`ConfigurationError` saying what to pass."""
+    if not isinstance(task, Task):
+        raise ConfigurationError(
+            f"task must be a traintrace Task (tt.Classification(), tt.Regression(), "
+            f"tt.LanguageModeling() or a Task subclass), got {task!r}"
+        )
+    return task
 
 
 def _check_per_example(value: Tensor, outputs: Tensor, name: str) -> Tensor:

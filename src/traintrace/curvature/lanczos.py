@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -31,6 +31,7 @@ from traintrace.exceptions import ConfigurationError, SolverDivergedError
 
 __all__ = [
     "LanczosResult",
+    "ProgressOperator",
     "SpectralDensity",
     "SymmetricOperator",
     "lanczos",
@@ -323,3 +324,19 @@ def slq_density(
     return SpectralDensity(
         grid=grid, density=density, nodes=nodes, weights=weights, sigma=float(sigma)
     )
+
+
+class ProgressOperator:
+    """Wraps a symmetric operator and advances a tqdm bar on every product (Lanczos progress)."""
+
+    def __init__(self, operator: Any, bar: Any) -> None:
+        self.operator = operator
+        self.dim = operator.dim
+        self.dtype = operator.dtype
+        self.device = operator.device
+        self.bar = bar
+
+    def matvec(self, vector: Tensor) -> Tensor:
+        out = self.operator.matvec(vector)
+        self.bar.update(1)
+        return out

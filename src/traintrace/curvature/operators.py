@@ -44,12 +44,15 @@ from traintrace.features.params import Layers, ParameterLayout
 from traintrace.task import Task
 
 __all__ = [
+    "CURVATURES",
+    "Curvature",
     "CurvatureOperator",
     "EmpiricalFisher",
     "GaussNewton",
     "Hessian",
     "MatrixOperator",
     "ModelCurvatureOperator",
+    "curvature_operator",
 ]
 
 _NONFINITE_ADVICE = (
@@ -528,3 +531,44 @@ class EmpiricalFisher(ModelCurvatureOperator):
             self.state, batch, offset=offset, where="the empirical Fisher"
         )
         return g.T @ (g @ matrix)
+
+
+#: Names of the model curvatures accepted by ``curvature=`` arguments across traintrace.
+Curvature = Literal["hessian", "ggn", "fisher"]
+
+#: The model curvatures by name.
+CURVATURES: dict[str, type[ModelCurvatureOperator]] = {
+    "hessian": Hessian,
+    "ggn": GaussNewton,
+    "fisher": EmpiricalFisher,
+}
+
+
+def curvature_operator(
+    curvature: Curvature,
+    model: nn.Module,
+    task: Task,
+    state: Mapping[str, Tensor],
+    batches: Iterable[Any],
+    *,
+    layers: Layers = None,
+    damping: float = 0.0,
+    allowed: tuple[str, ...] = ("hessian", "ggn", "fisher"),
+) -> ModelCurvatureOperator:
+    """The damped curvature operator named ``curvature`` (``"hessian"``, ``"ggn"``, ``"fisher"``).
+
+    Raises:
+        ConfigurationError: for a name outside ``allowed``, saying what each one means.
+    """
+    if curvature not in allowed:
+        meanings = {
+            "hessian": "'hessian': the exact Hessian of the mean training loss, indefinite in general",
+            "ggn": "'ggn': the generalized Gauss–Newton matrix, positive semi-definite",
+            "fisher": "'fisher': the empirical Fisher, positive semi-definite",
+        }
+        raise ConfigurationError(
+            f"curvature must be one of {list(allowed)}, got {curvature!r} ("
+            + "; ".join(meanings[a] for a in allowed)
+            + ")"
+        )
+    return CURVATURES[curvature](model, task, state, batches, layers=layers, damping=damping)

@@ -3,6 +3,7 @@
 from traintrace.methods.base import Estimator
 from traintrace.methods.embedding_knn import EmbeddingKNN
 from traintrace.methods.influence import InfluenceFunction
+from traintrace.methods.representer import RepresenterPoints
 from traintrace.methods.tracin import TracIn
 
-__all__ = ["EmbeddingKNN", "Estimator", "InfluenceFunction", "TracIn"]
+__all__ = ["EmbeddingKNN", "Estimator", "InfluenceFunction", "RepresenterPoints", "TracIn"]

@@ -4,36 +4,30 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator
-from typing import Literal
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from traintrace.checkpoints import Checkpoint
+from traintrace.checkpoints import Checkpoint, require_checkpoint
 from traintrace.curvature import (
     KFAC,
     MFAC,
-    EmpiricalFisher,
-    GaussNewton,
-    Hessian,
     InverseOperator,
     KroneckerInverse,
     LowRankInverse,
     Solver,
     make_solver,
 )
+from traintrace.curvature.operators import CURVATURES, Curvature, curvature_operator
 from traintrace.data import as_loader, dataset_length, iterate_batches
 from traintrace.exceptions import ConfigurationError
 from traintrace.features.gradients import GradientComputer, stack_gradients
 from traintrace.features.params import Layers
 from traintrace.methods.base import Data, Estimator
-from traintrace.task import Task
+from traintrace.task import Task, require_task
 
 __all__ = ["InfluenceFunction"]
-
-Curvature = Literal["hessian", "ggn", "fisher"]
-_OPERATORS = {"hessian": Hessian, "ggn": GaussNewton, "fisher": EmpiricalFisher}
 
 
 class InfluenceFunction(Estimator):
@@ -106,16 +100,11 @@ class InfluenceFunction(Estimator):
         max_feature_gib: float = 4.0,
         progress: bool = True,
     ) -> None:
-        if not isinstance(checkpoint, Checkpoint):
+        require_checkpoint(checkpoint)
+        require_task(task)
+        if curvature not in CURVATURES:
             raise ConfigurationError(
-                "checkpoint must be a tt.Checkpoint (the trained parameters), got "
-                f"{type(checkpoint).__name__}; wrap a state dict or path: tt.Checkpoint(state)"
-            )
-        if not isinstance(task, Task):
-            raise ConfigurationError(f"task must be a traintrace Task, got {task!r}")
-        if curvature not in _OPERATORS:
-            raise ConfigurationError(
-                f"curvature must be one of {sorted(_OPERATORS)}, got {curvature!r}"
+                f"curvature must be one of {sorted(CURVATURES)}, got {curvature!r}"
             )
         if damping is not None and not damping >= 0:
             raise ConfigurationError(f"damping must be >= 0, got {damping}")
@@ -149,8 +138,8 @@ class InfluenceFunction(Estimator):
             )
         damping = 0.0 if self.damping is None else self.damping
         kind = "fisher" if isinstance(self.hessian, MFAC) else self.curvature
-        operator = _OPERATORS[kind](
-            self.model, self.task, state, loader, layers=self.layers, damping=damping
+        operator = curvature_operator(
+            kind, self.model, self.task, state, loader, layers=self.layers, damping=damping
         )
         return self.hessian.prepare(operator)
 

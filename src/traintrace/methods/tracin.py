@@ -14,7 +14,7 @@ from traintrace.exceptions import ConfigurationError
 from traintrace.features.gradients import GradientComputer, stack_gradients
 from traintrace.features.params import Layers
 from traintrace.methods.base import Data, Estimator
-from traintrace.task import Task
+from traintrace.task import Task, require_task
 
 __all__ = ["TracIn"]
 
@@ -83,10 +83,7 @@ class TracIn(Estimator):
                     f"checkpoints must be traintrace.Checkpoint objects, got {type(ckpt).__name__}"
                     "; wrap states as tt.Checkpoint(state_dict_or_path, lr=...)"
                 )
-        if not isinstance(task, Task):
-            raise ConfigurationError(
-                f"task must be a traintrace Task (tt.Classification(), ...), got {task!r}"
-            )
+        require_task(task)
         if batch_size < 1:
             raise ConfigurationError(f"batch_size must be >= 1, got {batch_size}")
         self.model = model

@@ -1,0 +1,465 @@
+"""Representer points (Yeh, Kim, Yen, Ravikumar, "Representer Point Selection for Explaining Deep
+Neural Networks", NeurIPS 2018).
+
+Write the network as ``Φ(x) = W̃ f̃(x)``: ``f(x)`` is the input of the last ``nn.Linear`` layer
+(the penultimate features), ``f̃ = [f, 1]`` when that layer has a bias (the bias is folded in as
+the last column of ``W̃ = [W, b]``), ``f̃ = f`` otherwise. If ``W̃`` is a stationary point of the
+L2-regularized last-layer objective on fixed features
+
+    J(W̃) = (1/n) Σ_i L(W̃ f̃_i, y_i) + λ ‖W̃‖²_F
+
+then ``∇J = 0`` gives the representer theorem
+
+    W̃ = Σ_i α_i f̃_iᵀ,   α_i = −1/(2λn) · ∂L(x_i, y_i)/∂Φ(x_i)   (a vector over outputs),
+
+so every prediction decomposes exactly over the training set:
+``Φ(x') = Σ_i α_i (f̃_i · f̃')``. The bias is covered by the decomposition *because* it is folded
+in and regularized like the weights (its share of the logits is ``Σ_i α_i · 1``): an unregularized
+bias would leave ``Φ(x') = Σ_i α_i (f_i · f') + b`` with ``b`` unexplained.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from traintrace.checkpoints import Checkpoint
+from traintrace.data import as_loader, dataset_length, iterate_batches
+from traintrace.exceptions import BatchFormatError, ConfigurationError
+from traintrace.features.gradients import eval_mode, forward_at
+from traintrace.features.params import last_layer_name
+from traintrace.methods.base import Data, Estimator
+from traintrace.task import Classification, Task
+
+__all__ = ["RepresenterPoints"]
+
+
+class RepresenterPoints(Estimator):
+    """Representer point selection: ``score(z_i, x') = α_{i,c} · (f̃_i · f̃')``.
+
+    ``f̃`` are the penultimate features (the input of ``layer``, with a constant 1 appended when
+    the layer has a bias), ``α_i = −1/(2λn) ∂L(x_i, y_i)/∂Φ(x_i)`` the representer values (one per
+    output) and ``c`` the query's target class: its label when the query batch has one (and the
+    task's ``use_labels`` is true), else the class the (refitted) last layer predicts. Summed over
+    ``i`` the scores give exactly the query's logit of class ``c`` (when the head is stationary,
+    see below), so each score is that training example's share of the logit.
+
+    **Sign:** positive = the training example pushes the query's logit of its target class up,
+    i.e. toward that class: it *helps*. For cross-entropy ``α_{i,y_i} = (1 − p_{i,y_i})/(2λn) ≥
+    0``, so training examples of class ``c`` with features aligned with the query are proponents
+    and those of other classes with aligned features are opponents. A binary classifier with one
+    output logit ``s`` (logits ``[0, s]``) uses ``+α_i`` for target class 1, ``−α_i`` for 0.
+    **Orientation:** ``score`` returns ``[n_query, n_train]``. The task's ``measurement`` setting
+    is not used: representer scores always explain the target-class logit.
+
+    **Stationarity and refitting.** The decomposition is exact only at a stationary point of
+    ``J``. With ``refit=True`` (default, as in the paper) the last layer is re-optimized on the
+    fixed training features with the L2 penalty ``λ ‖W̃‖²`` (L-BFGS then Newton steps, in
+    float64, from the model's own weights, until the relative stationarity residual
+    ``‖W̃ − Σ_i α_i f̃_iᵀ‖_F / ‖W̃‖_F`` is below ``tol``); the scores then explain the
+    *refitted* head (:attr:`weight_`, :attr:`bias_`), whose predictions usually agree with the
+    model's (:attr:`refit_agreement_`). With ``refit=False`` the model's own head is used and
+    the decomposition is only approximate: :attr:`stationarity_residual_` reports by how much.
+
+    Args:
+        model: the network; evaluated functionally at ``checkpoint`` in eval mode (not modified).
+            Its output must be the output of ``layer`` (checked on every batch).
+        task: must be a :class:`~traintrace.Classification` task for scores (its loss is
+            cross-entropy); the refit calls ``task.loss(logits, (features, labels))``.
+        checkpoint: the state to explain.
+        layer: name of the last ``nn.Linear`` module (default: the last module with parameters).
+        l2: ``λ > 0`` of the penalty ``λ ‖W̃‖²`` (not ``λ/2``; this matches ``α``'s ``1/(2λn)``).
+            Smaller ``λ`` lets the refitted head follow the model's head more closely and makes
+            ``α`` larger.
+        refit: re-optimize the last layer to stationarity (see above).
+        tol: target of the relative stationarity residual for the refit.
+        max_iter: L-BFGS iterations of the refit.
+        newton_steps: Newton steps (conjugate gradient on Hessian-vector products of the head
+            objective) that polish the L-BFGS result to ``tol``; a warning states the residual
+            reached if ``tol`` is not met.
+        batch_size: used when a Dataset (not a DataLoader) is given.
+        progress: show tqdm progress bars.
+
+    Attributes (after :meth:`fit`):
+        alpha_: ``[n_train, outputs]`` representer values ``α_i``.
+        features_: ``[n_train, d̃]`` training features ``f̃_i`` (float64).
+        labels_: ``[n_train]`` training labels.
+        weight_, bias_: the explained head (refitted or the model's), ``[outputs, d]`` and
+            ``[outputs]`` (``None`` without bias), float64.
+        stationarity_residual_: ``‖W̃ − Σ_i α_i f̃_iᵀ‖_F / ‖W̃‖_F`` (0 at a stationary point).
+        refit_agreement_: fraction of training examples where the explained head and the model
+            predict the same class (1.0 without refit).
+
+    Cost: ``fit`` is one forward pass over the training set plus the refit (each L-BFGS step
+    and each Newton-CG product costs ``O(n d̃ C)``); memory ``n × d̃`` features. ``score`` is
+    one forward pass per query and ``O(n_query n d̃)``. :meth:`self_influence` is ``O(n d̃)``,
+    free after fit. No per-example parameter gradients are ever formed.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        task: Task,
+        checkpoint: Checkpoint,
+        *,
+        layer: str | None = None,
+        l2: float = 1e-3,
+        refit: bool = True,
+        tol: float = 1e-10,
+        max_iter: int = 500,
+        newton_steps: int = 10,
+        batch_size: int = 256,
+        progress: bool = True,
+    ) -> None:
+        if not isinstance(task, Task):
+            raise ConfigurationError(
+                f"task must be a traintrace Task (tt.Classification(), ...), got {task!r}"
+            )
+        if not isinstance(checkpoint, Checkpoint):
+            raise ConfigurationError(
+                f"checkpoint must be a traintrace.Checkpoint, got {type(checkpoint).__name__}; "
+                "wrap a state dict or path as tt.Checkpoint(state)"
+            )
+        if not (isinstance(l2, (int, float)) and math.isfinite(l2) and l2 > 0):
+            raise ConfigurationError(
+                f"l2 must be a finite number > 0 (the representer values are -1/(2·l2·n) · ∂L/∂Φ), "
+                f"got {l2!r}"
+            )
+        if not (isinstance(tol, (int, float)) and tol > 0):
+            raise ConfigurationError(f"tol must be > 0, got {tol!r}")
+        if not isinstance(max_iter, int) or max_iter < 1:
+            raise ConfigurationError(f"max_iter must be an integer >= 1, got {max_iter!r}")
+        if not isinstance(newton_steps, int) or newton_steps < 0:
+            raise ConfigurationError(f"newton_steps must be an integer >= 0, got {newton_steps!r}")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ConfigurationError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        self.model = model
+        self.task = task
+        self.checkpoint = checkpoint
+        self.layer = layer if layer is not None else last_layer_name(model)
+        modules = dict(model.named_modules())
+        if self.layer not in modules:
+            raise ConfigurationError(
+                f"layer {self.layer!r} is not a module of {type(model).__name__}; modules: "
+                f"{[m for m in modules if m][:20]}"
+            )
+        self._module = modules[self.layer]
+        if not isinstance(self._module, nn.Linear):
+            raise ConfigurationError(
+                f"representer points need the last layer to be an nn.Linear; {self.layer!r} is "
+                f"a {type(self._module).__name__}. Pass layer= the name of the final Linear "
+                "layer (the model's output must be that layer's output)."
+            )
+        self.l2 = float(l2)
+        self.refit = refit
+        self.tol = float(tol)
+        self.max_iter = max_iter
+        self.newton_steps = newton_steps
+        self.batch_size = batch_size
+        self.progress = progress
+
+    # -- features --------------------------------------------------------------------------
+    def _collect(
+        self, data: Data, state: dict[str, Tensor], desc: str
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Features ``f`` ``[n, d]``, model outputs ``[n, C]`` and labels (or None) of ``data``."""
+        loader = as_loader(data, self.batch_size)
+        device = next(self.model.parameters()).device
+        captured: list[tuple[Tensor, Tensor]] = []
+
+        def hook(_module: nn.Module, inputs: tuple[Any, ...], output: Tensor) -> None:
+            captured.append((inputs[0].detach(), output.detach()))
+
+        feats, outs, labels = [], [], []
+        has_labels: bool | None = None
+        handle = self._module.register_forward_hook(hook)
+        try:
+            with eval_mode(self.model), torch.no_grad():
+                batches = iterate_batches(loader, device)
+                total = len(loader) if dataset_length(loader) is not None else None
+                for offset, batch in tqdm(
+                    batches, total=total, desc=desc, unit="batch", disable=not self.progress
+                ):
+                    captured.clear()
+                    out = forward_at(self.model, self.task, state, batch)
+                    f, layer_out = self._check_capture(captured, out, offset)
+                    feats.append(f)
+                    outs.append(layer_out)
+                    y = self.task.labels(batch, required=False)
+                    if has_labels is None:
+                        has_labels = y is not None
+                    elif has_labels != (y is not None):
+                        raise BatchFormatError(
+                            "some batches have labels and others do not; give labels for all "
+                            "examples or for none"
+                        )
+                    if y is not None:
+                        labels.append(y.reshape(-1).to(device))
+        finally:
+            handle.remove()
+        if not feats:
+            raise ConfigurationError("the data set is empty")
+        return (
+            torch.cat(feats),
+            torch.cat(outs),
+            torch.cat(labels) if has_labels else None,
+        )
+
+    def _check_capture(
+        self, captured: list[tuple[Tensor, Tensor]], out: Tensor, offset: int
+    ) -> tuple[Tensor, Tensor]:
+        if len(captured) != 1:
+            raise ConfigurationError(
+                f"layer {self.layer!r} ran {len(captured)} times in one forward pass; "
+                "representer points need it to run exactly once, as the model's output layer"
+            )
+        f, layer_out = captured[0]
+        if f.ndim != 2 or layer_out.ndim != 2:
+            raise ConfigurationError(
+                f"layer {self.layer!r} got input of shape {tuple(f.shape)}; representer points "
+                "need one feature vector per example ([batch, features]), not sequences"
+            )
+        flat = out.reshape(out.shape[0], -1)
+        if flat.shape != layer_out.shape or not torch.allclose(
+            flat, layer_out, rtol=1e-5, atol=1e-6 * max(1.0, float(layer_out.abs().max()))
+        ):
+            raise ConfigurationError(
+                f"the model's output (batch at example {offset}) is not the output of layer "
+                f"{self.layer!r}: something runs after it (a scaling, softmax or another layer). "
+                "Representer points decompose the output of the final Linear layer; pass that "
+                "layer as layer=, or wrap the model so that it returns its logits."
+            )
+        return f, layer_out
+
+    def _augment(self, f: Tensor) -> Tensor:
+        f = f.to(torch.float64)
+        if self._module.bias is None:
+            return f
+        return torch.cat([f, torch.ones(f.shape[0], 1, dtype=f.dtype, device=f.device)], dim=1)
+
+    # -- the head ------------------------------------------------------------------------------
+    def _loss_grad(self, w: Tensor, features: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """Mean loss over the training set and ``∂L_i/∂Φ_i`` ``[n, C]`` at head ``w``."""
+        logits = (features @ w.T).detach().requires_grad_(True)
+        losses = self.task.loss(logits, (features, labels))
+        if losses.shape != (features.shape[0],):
+            raise BatchFormatError(
+                f"task.loss returned shape {tuple(losses.shape)}, expected one value per example"
+            )
+        (g,) = torch.autograd.grad(losses.sum(), logits)
+        return losses.mean().detach(), g
+
+    def _alpha(self, w: Tensor, features: Tensor, labels: Tensor) -> Tensor:
+        _, g = self._loss_grad(w, features, labels)
+        return -g / (2.0 * self.l2 * features.shape[0])
+
+    def _residual(self, w: Tensor, alpha: Tensor, features: Tensor) -> float:
+        return float((w - alpha.T @ features).norm() / w.norm().clamp_min(1e-300))
+
+    def _objective(self, features: Tensor, labels: Tensor) -> Any:
+        def objective(w: Tensor) -> Tensor:
+            losses = self.task.loss(features @ w.T, (features, labels))
+            return losses.mean() + self.l2 * (w * w).sum()
+
+        return objective
+
+    def _refit(self, w0: Tensor, features: Tensor, labels: Tensor) -> Tensor:
+        """Minimize ``(1/n) Σ L(W̃ f̃_i) + λ‖W̃‖²`` from ``w0`` (float64, full batch).
+
+        L-BFGS with a strong-Wolfe line search does the bulk; near the minimum, loss decreases
+        fall below float64 resolution and line searches stall, so Newton steps (conjugate
+        gradient on exact Hessian-vector products) polish to the stationarity target, judged by
+        the gradient alone.
+        """
+        objective = self._objective(features, labels)
+        target = self.tol
+        w = w0.clone().requires_grad_(True)
+        opt = torch.optim.LBFGS(
+            [w],
+            lr=1.0,
+            max_iter=self.max_iter,
+            tolerance_grad=0.0,
+            tolerance_change=0.0,
+            history_size=50,
+            line_search_fn="strong_wolfe",
+        )
+
+        def relative(grad: Tensor, point: Tensor) -> float:
+            # ‖∇J‖ / (2λ‖W̃‖) equals ‖W̃ − Σ α_i f̃_iᵀ‖ / ‖W̃‖ (the stationarity residual)
+            return float(grad.norm() / (2 * self.l2 * point.norm().clamp_min(1e-300)))
+
+        def closure() -> Tensor:
+            opt.zero_grad()
+            loss = objective(w)
+            loss.backward()
+            if relative(w.grad, w.detach()) <= target:
+                w.grad.zero_()  # L-BFGS stops when its gradient test sees 0 <= tolerance_grad
+            return loss
+
+        opt.step(closure)
+        w = w.detach()
+        gradient = torch.func.grad(objective)
+        for _ in range(self.newton_steps):
+            g = gradient(w)
+            if relative(g, w) <= target:
+                break
+
+            def hvp(v: Tensor, w: Tensor = w) -> Tensor:
+                return torch.func.jvp(gradient, (w,), (v,))[1]
+
+            step = _conjugate_gradient(hvp, -g, tol=1e-2, max_iter=min(w.numel(), 500))
+            candidate = w + step
+            if relative(gradient(candidate), candidate) >= relative(g, w):
+                break  # no progress left at float64 resolution
+            w = candidate
+        return w
+
+    def fit(self, train: Data) -> RepresenterPoints:
+        """Compute training features, (re)fit the head and the representer values. Returns self.
+
+        Example ``i`` is the ``i``-th example in iteration order (a shuffled loader is refused).
+        """
+        state = self.checkpoint.state_for(self.model)
+        f, outputs, labels = self._collect(train, state, "Representer fit")
+        if labels is None:
+            raise BatchFormatError(
+                "representer points need the training labels; the training batches have none"
+            )
+        features = self._augment(f)
+        weight = state[f"{self.layer}.weight" if self.layer else "weight"].to(torch.float64)
+        bias_name = f"{self.layer}.bias" if self.layer else "bias"
+        w = (
+            weight
+            if self._module.bias is None
+            else torch.cat([weight, state[bias_name].to(torch.float64)[:, None]], dim=1)
+        )
+        if self.refit:
+            w = self._refit(w, features, labels)
+        alpha = self._alpha(w, features, labels)
+        residual = self._residual(w, alpha, features)
+        if self.refit and residual > self.tol:
+            warnings.warn(
+                f"RepresenterPoints: the refitted last layer reached a relative stationarity "
+                f"residual of {residual:.3g} (target tol={self.tol:g}) after max_iter="
+                f"{self.max_iter} L-BFGS iterations and {self.newton_steps} Newton steps; the "
+                "decomposition Σ α_i k(x_i, x') is off by about that "
+                "fraction of the logits. Raise max_iter, or l2 (better conditioned).",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        self.features_ = features
+        self.labels_ = labels
+        self.alpha_ = alpha
+        self.weight_ = w[:, : f.shape[1]].clone()
+        self.bias_ = w[:, -1].clone() if self._module.bias is not None else None
+        self.stationarity_residual_ = residual
+        head = features @ w.T
+        self.refit_agreement_ = float(
+            (_predicted(head) == _predicted(outputs.to(torch.float64))).double().mean()
+        )
+        self._dtype = outputs.dtype
+        self.n_train_ = int(features.shape[0])
+        return self
+
+    # -- scores --------------------------------------------------------------------------------
+    def _check_classification(self) -> None:
+        if not isinstance(self.task, Classification):
+            raise ConfigurationError(
+                f"RepresenterPoints scores need a Classification task (the query's target class "
+                f"picks the entry of α); got {type(self.task).__name__}. For other tasks use "
+                ".decompose(queries), the representer decomposition of every output."
+            )
+
+    def _target_weights(self, head: Tensor, labels: Tensor | None) -> Tensor:
+        """``[n, C]`` one-hot (±1 for a single binary logit) rows selecting each target."""
+        outputs = head.shape[1]
+        use = labels is not None and getattr(self.task, "use_labels", True)
+        if outputs == 1:
+            cls = labels.long() if use else (head[:, 0] > 0).long()
+            return (2.0 * cls.to(head.dtype) - 1.0)[:, None]
+        cls = labels.long() if use else head.argmax(dim=1)
+        if bool((cls < 0).any()) or bool((cls >= outputs).any()):
+            raise BatchFormatError(f"labels must lie in [0, {outputs}), got {cls.tolist()[:10]}")
+        return torch.nn.functional.one_hot(cls, outputs).to(head.dtype)
+
+    def _query(self, queries: Data) -> tuple[Tensor, Tensor | None]:
+        state = self.checkpoint.state_for(self.model)
+        f, _, labels = self._collect(queries, state, "Representer score")
+        return self._augment(f), labels
+
+    def _score_blocks(self, queries: Data) -> Iterator[Tensor]:
+        self._check_classification()
+        features, labels = self._query(queries)
+        for start in range(0, features.shape[0], self.batch_size):
+            fq = features[start : start + self.batch_size]
+            lq = labels[start : start + self.batch_size] if labels is not None else None
+            kernel = fq @ self.features_.T  # [b, n]
+            select = self._target_weights(fq @ self._head().T, lq)  # [b, C]
+            yield (kernel * (select @ self.alpha_.T)).to(self._dtype)
+
+    def _head(self) -> Tensor:
+        if self.bias_ is None:
+            return self.weight_
+        return torch.cat([self.weight_, self.bias_[:, None]], dim=1)
+
+    def decompose(self, queries: Data) -> Tensor:
+        """The representer decomposition of every output, ``Σ_i α_i (f̃_i · f̃')`` ``[n_query, C]``.
+
+        Equals the explained head's outputs ``W f' + b`` (:attr:`weight_`, :attr:`bias_`) up to
+        :attr:`stationarity_residual_` (exactly at a stationary point). Works for any task.
+        Cost: one forward pass per query and ``O(n_query n d̃)``.
+        """
+        self._check_fitted()
+        features, _ = self._query(queries)
+        return (features @ self.features_.T) @ self.alpha_
+
+    def self_influence(self) -> Tensor:
+        """``α_{i,y_i} · ‖f̃_i‖²`` per training example, ``[n_train]`` (diagonal of
+        ``score(train, train)``).
+
+        For cross-entropy ``α_{i,y_i} = (1 − p_{i,y_i})/(2λn) ≥ 0``: large for examples the head
+        fits poorly (mislabeled, atypical) and with large features. The paper ranks training
+        examples by ``|α_{i,y_i}|`` instead; that is ``alpha_`` indexed by ``labels_``. Cost:
+        ``O(n d̃)``, free after fit.
+        """
+        self._check_fitted()
+        self._check_classification()
+        select = self._target_weights(self.features_ @ self._head().T, self.labels_)
+        own = (select * self.alpha_).sum(dim=1)
+        return (own * (self.features_**2).sum(dim=1)).to(self._dtype)
+
+
+def _conjugate_gradient(matvec: Any, b: Tensor, *, tol: float, max_iter: int) -> Tensor:
+    """``x ≈ A⁻¹ b`` for a symmetric positive definite ``A`` given by ``matvec`` (any shape)."""
+    x = torch.zeros_like(b)
+    r = b.clone()
+    p = r.clone()
+    rs = float((r * r).sum())
+    stop = (tol * float(b.norm())) ** 2
+    for _ in range(max_iter):
+        if rs <= stop:
+            break
+        ap = matvec(p)
+        curvature = float((p * ap).sum())
+        if curvature <= 0:
+            break
+        step = rs / curvature
+        x = x + step * p
+        r = r - step * ap
+        rs_new = float((r * r).sum())
+        p = r + (rs_new / rs) * p
+        rs = rs_new
+    return x
+
+
+def _predicted(outputs: Tensor) -> Tensor:
+    outputs = outputs.reshape(outputs.shape[0], -1)
+    if outputs.shape[1] == 1:
+        return (outputs[:, 0] > 0).long()
+    return outputs.argmax(dim=1)
