@@ -30,11 +30,13 @@ from traintrace.exceptions import (
     TraintraceError,
 )
 from traintrace.methods import (
+    HYDRA,
     EmbeddingKNN,
     Estimator,
     InfluenceFunction,
     RepresenterPoints,
     TracIn,
+    TrajectoryRecorder,
 )
 from traintrace.retrieval import Ranking, TopK
 from traintrace.task import Classification, LanguageModeling, Regression, Task
@@ -44,6 +46,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CG",
     "EKFAC",
+    "HYDRA",
     "KFAC",
     "MFAC",
     "Arnoldi",
@@ -74,6 +77,7 @@ __all__ = [
     "TopK",
     "TracIn",
     "TraintraceError",
+    "TrajectoryRecorder",
     "__version__",
     "mislabel_detection",
     "spectrum",
