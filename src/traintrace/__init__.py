@@ -11,6 +11,7 @@ Score matrices are oriented ``[n_query, n_train]``.
     suspicious = tracin.self_influence()      # [n_train]
 """
 
+from traintrace import evaluation as evaluate
 from traintrace.applications.local_ensembles import LocalEnsembles
 from traintrace.applications.spectrum import SpectrumResult, spectrum
 from traintrace.applications.unlearning import unlearn
@@ -26,17 +27,23 @@ from traintrace.exceptions import (
     NonFiniteGradientError,
     NotFittedError,
     NotPositiveDefiniteError,
+    RetrainingError,
     SolverDivergedError,
     TraintraceError,
 )
 from traintrace.methods import (
+    AME,
     HYDRA,
     EmbeddingKNN,
     Estimator,
     InfluenceFunction,
+    LeaveOneOut,
     RepresenterPoints,
+    Retrainer,
     TracIn,
     TrajectoryRecorder,
+    query_measurement,
+    query_predictions,
 )
 from traintrace.retrieval import Ranking, TopK
 from traintrace.task import Classification, LanguageModeling, Regression, Task
@@ -44,6 +51,7 @@ from traintrace.task import Classification, LanguageModeling, Regression, Task
 __version__ = "0.1.0"
 
 __all__ = [
+    "AME",
     "CG",
     "EKFAC",
     "HYDRA",
@@ -62,6 +70,7 @@ __all__ = [
     "FeatureMemoryError",
     "InfluenceFunction",
     "LanguageModeling",
+    "LeaveOneOut",
     "LiSSA",
     "LocalEnsembles",
     "MislabelDetection",
@@ -71,6 +80,8 @@ __all__ = [
     "Ranking",
     "Regression",
     "RepresenterPoints",
+    "Retrainer",
+    "RetrainingError",
     "SolverDivergedError",
     "SpectrumResult",
     "Task",
@@ -79,7 +90,10 @@ __all__ = [
     "TraintraceError",
     "TrajectoryRecorder",
     "__version__",
+    "evaluate",
     "mislabel_detection",
+    "query_measurement",
+    "query_predictions",
     "spectrum",
     "unlearn",
 ]

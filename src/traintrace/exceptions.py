@@ -39,6 +39,14 @@ class NotPositiveDefiniteError(SolverDivergedError):
     """The damped curvature ``C + λI`` is not positive definite, so it has no usable inverse."""
 
 
+class RetrainingError(TraintraceError, RuntimeError):
+    """A retraining run failed, or returned a measurement that cannot be used.
+
+    The message names the run (seed, number of training examples, cache key); the original
+    exception is chained as ``__cause__``. Runs that finished before it are cached.
+    """
+
+
 class ConfigurationError(TraintraceError, ValueError):
     """An argument has a value outside what the function accepts."""
 
@@ -52,6 +60,7 @@ __all__ = [
     "NonFiniteGradientError",
     "NotFittedError",
     "NotPositiveDefiniteError",
+    "RetrainingError",
     "SolverDivergedError",
     "TraintraceError",
 ]
