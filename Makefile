@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint format bench clean
+.PHONY: demo evaluate test lint format bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -14,6 +14,9 @@ $(STAMP): pyproject.toml constraints.txt
 
 demo: $(STAMP)
 	$(BIN)/traintrace demo --output demo-output
+
+evaluate: $(STAMP)
+	$(BIN)/traintrace evaluate --output evaluate-output
 
 test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
@@ -31,4 +34,4 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/featurize_vs_epoch.py
 
 clean:
-	rm -rf demo-output .pytest_cache build src/*.egg-info
+	rm -rf demo-output evaluate-output .pytest_cache build src/*.egg-info

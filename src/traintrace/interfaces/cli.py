@@ -25,6 +25,19 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    from traintrace.interfaces.evaluate import EvaluateConfig, run_evaluation
+
+    make = EvaluateConfig.quick if args.quick else EvaluateConfig
+    cfg = make(
+        output=Path(args.output), seed=args.seed, workers=args.workers, progress=not args.quiet
+    )
+    result = run_evaluation(cfg)
+    print(result.table())
+    print(f"results: {cfg.output / 'results.json'}; report: {result.report}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from traintrace import __version__
 
@@ -48,6 +61,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--checkpoints", type=int, default=5, help="checkpoints saved for TracIn")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(func=_demo)
+    ev = sub.add_parser(
+        "evaluate",
+        help="run every estimator on a digits MLP and rank them by LDS, LOO correlation, "
+        "mislabel AUROC and time",
+    )
+    ev.add_argument("--output", default="evaluate-output", help="folder for results and cache")
+    ev.add_argument("--seed", type=int, default=0, help="seed for data, flips and training")
+    ev.add_argument("--workers", type=int, default=2, help="retraining processes (1: in-process)")
+    ev.add_argument("--quick", action="store_true", help="a small configuration (smoke test)")
+    ev.add_argument("--quiet", action="store_true", help="no progress output")
+    ev.set_defaults(func=_evaluate)
     return parser
 
 
