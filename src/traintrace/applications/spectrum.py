@@ -134,7 +134,9 @@ def spectrum(
     ``suggested_damping`` is ``max(0, −λ_min) + 1e-3 · max(|λ_max|, |λ_min|)``: enough to make the
     damped curvature positive definite with its smallest eigenvalue about ``1e-3 · λ_max`` (the
     same rule as the solvers' error messages). ``λ_min`` here is a Ritz value, an upper bound on
-    the true smallest eigenvalue: more ``iterations`` tighten it.
+    the true smallest eigenvalue: more ``iterations`` tighten it. The smallest (most negative)
+    eigenvalue converges more slowly than the largest, so the default runs at least 100 steps
+    (on a 1.8k-parameter MLP, 24 steps found 2/3 of ``|λ_min|``, 100 steps all of it).
 
     Args:
         model, task, checkpoint: the network, its loss and the parameters ``θ``.
@@ -143,7 +145,7 @@ def spectrum(
         top: number of top eigenvalues.
         density: compute the SLQ densities (``num_probes × iterations`` more products each).
         num_probes: SLQ probes.
-        iterations: Lanczos steps ``m`` per run (default ``min(P, max(2·top, top + 20))``);
+        iterations: Lanczos steps ``m`` per run (default ``min(P, max(2·top, top + 20, 100))``);
             ``m = P`` gives exact eigenvalues.
         grid: number of points where each density is evaluated.
         batch_data: one mini-batch to compare with (see above).
@@ -180,7 +182,7 @@ def spectrum(
     p = operator.dim
     if top > p:
         raise ConfigurationError(f"top={top} exceeds the number of parameters P={p}")
-    m = min(p, max(2 * top, top + 20)) if iterations is None else int(iterations)
+    m = min(p, max(2 * top, top + 20, 100)) if iterations is None else int(iterations)
     if m < top:
         raise ConfigurationError(f"iterations ({iterations}) must be >= top ({top})")
     m = min(m, p)

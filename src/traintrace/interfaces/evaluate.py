@@ -44,14 +44,14 @@ class EvaluateConfig:
     output: Path = Path("evaluate-output")
     seed: int = 0
     n_train: int = 300
-    queries: int = 16
+    queries: int = 32
     flip_fraction: float = 0.1
     hidden: int = 24
     steps: int = 300
     lr: float = 0.5
     weight_decay: float = 1e-3
     checkpoints: int = 5
-    lds_subsets: int = 48
+    lds_subsets: int = 64
     loo_examples: int = 32
     ame_subsets: int = 256
     workers: int = 2
@@ -161,6 +161,7 @@ class Row:
 
     estimator: str
     lds: float
+    lds_se: float
     loo_pearson: float
     loo_spearman: float
     mislabel_auroc: float | None
@@ -175,12 +176,16 @@ class EvaluationResult:
     settings: dict = field(default_factory=dict)
 
     def table(self) -> str:
-        head = f"{'estimator':<30}{'LDS':>7}{'LOO r':>8}{'LOO ρ':>8}{'mislabel':>10}{'time s':>9}"
+        head = (
+            f"{'estimator':<30}{'LDS':>7}{'± s.e.':>8}{'LOO r':>8}{'LOO ρ':>8}{'mislabel':>10}"
+            f"{'time s':>9}"
+        )
         lines = [head, "-" * len(head)]
         for r in sorted(self.rows, key=lambda r: -_nan_low(r.lds)):
             auroc = "—" if r.mislabel_auroc is None else f"{r.mislabel_auroc:.3f}"
             lines.append(
-                f"{r.estimator:<30}{r.lds:>7.3f}{r.loo_pearson:>8.3f}{r.loo_spearman:>8.3f}"
+                f"{r.estimator:<30}{r.lds:>7.3f}{r.lds_se:>8.3f}{r.loo_pearson:>8.3f}"
+                f"{r.loo_spearman:>8.3f}"
                 f"{auroc:>10}{r.seconds:>9.2f}"
             )
         return "\n".join(lines)
@@ -274,7 +279,8 @@ def run_evaluation(cfg: EvaluateConfig | None = None) -> EvaluationResult:
     actual_loo = tt.LeaveOneOut(retrainer, len(train), indices=loo_idx).fit().score()[:, loo_idx]
 
     # Damping for the Hessian paths: the suggestion of the spectrum (the Hessian of a
-    # non-convex MLP is indefinite), never below the weight decay.
+    # non-convex MLP is indefinite), never below the weight decay. Every Hessian path (exact,
+    # CG, LiSSA, Arnoldi) gets the same damping, so they differ only in how they invert.
     spec = tt.spectrum(model, task, final, train, top=4, density=False, progress=False)
     damping = max(cfg.weight_decay, spec.suggested_damping)
 
@@ -297,20 +303,32 @@ def run_evaluation(cfg: EvaluateConfig | None = None) -> EvaluationResult:
         try:
             scores, self_inf = estimate()
         except tt.TraintraceError as exc:  # reported in the table, never a crash of the whole run
-            rows.append(Row(name, math.nan, math.nan, math.nan, None, 0.0, f"failed: {exc}"))
+            rows.append(
+                Row(name, math.nan, math.nan, math.nan, math.nan, None, 0.0, f"failed: {exc}")
+            )
             continue
         seconds = time.perf_counter() - start
         scores = scores.detach().double().cpu()
         if bool((scores == scores.flatten()[0]).all()):
             note = "all scores equal (AME: Lasso kept no coefficient; give it more subsets)"
-            rows.append(Row(name, math.nan, math.nan, math.nan, None, seconds, note))
+            rows.append(Row(name, math.nan, math.nan, math.nan, math.nan, None, seconds, note))
             continue
-        lds = subsets.lds(scores).score
+        lds_result = subsets.lds(scores)
+        lds = lds_result.score
+        per_query = np.asarray(lds_result.per_query, dtype=float)
+        per_query = per_query[~np.isnan(per_query)]
+        lds_se = (
+            float(per_query.std(ddof=1) / math.sqrt(len(per_query)))
+            if len(per_query) > 1
+            else math.nan
+        )
         loo = tt.evaluate.loo_correlation(scores[:, loo_idx], actual_loo)
         auroc = None
         if self_inf is not None:
             auroc = tt.mislabel_detection(self_inf.detach().double().cpu(), flipped).auroc
-        rows.append(Row(name, float(lds), float(loo.pearson), float(loo.spearman), auroc, seconds))
+        rows.append(
+            Row(name, float(lds), lds_se, float(loo.pearson), float(loo.spearman), auroc, seconds)
+        )
         if cfg.progress:
             print(
                 f"  {name:<28} LDS {lds:.3f}  LOO r {loo.pearson:.3f}  ({seconds:.1f}s)", flush=True
@@ -333,7 +351,8 @@ def _write_report(result: EvaluationResult, cfg: EvaluateConfig) -> None:
         f"digits ({cfg.flip_fraction:.0%} labels flipped), {cfg.queries} query digits, seed "
         f"{cfg.seed}. LDS over {cfg.lds_subsets} retrained half-size subsets; LOO over "
         f"{cfg.loo_examples} retrains without one example; mislabel AUROC from self-influence. "
-        "Higher is better for every metric except time."
+        "Higher is better for every metric except time. ± s.e. is the standard error of the LDS "
+        "over queries: estimators closer than about two of those are not distinguishable here."
     )
     rows = sorted(result.rows, key=lambda r: -_nan_low(r.lds))
     rep.table(
