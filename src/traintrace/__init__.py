@@ -12,6 +12,7 @@ Score matrices are oriented ``[n_query, n_train]``.
 """
 
 from traintrace import evaluation as evaluate
+from traintrace.applications.clustering import ClusterResult, cluster
 from traintrace.applications.local_ensembles import LocalEnsembles
 from traintrace.applications.spectrum import SpectrumResult, spectrum
 from traintrace.applications.unlearning import unlearn
@@ -29,8 +30,12 @@ from traintrace.exceptions import (
     NotPositiveDefiniteError,
     RetrainingError,
     SolverDivergedError,
+    StoreCorruptError,
+    StoreIncompleteError,
+    StoreMismatchError,
     TraintraceError,
 )
+from traintrace.features.store import FeatureStore
 from traintrace.methods import (
     AME,
     HYDRA,
@@ -45,7 +50,7 @@ from traintrace.methods import (
     query_measurement,
     query_predictions,
 )
-from traintrace.retrieval import Ranking, TopK
+from traintrace.retrieval import FaissIndex, Ranking, TopK
 from traintrace.task import Classification, LanguageModeling, Regression, Task
 
 __version__ = "0.1.0"
@@ -62,12 +67,15 @@ __all__ = [
     "Checkpoint",
     "CheckpointMismatchError",
     "Classification",
+    "ClusterResult",
     "ConfigurationError",
     "DataOrderError",
     "EmbeddingKNN",
     "Estimator",
     "Exact",
+    "FaissIndex",
     "FeatureMemoryError",
+    "FeatureStore",
     "InfluenceFunction",
     "LanguageModeling",
     "LeaveOneOut",
@@ -84,12 +92,16 @@ __all__ = [
     "RetrainingError",
     "SolverDivergedError",
     "SpectrumResult",
+    "StoreCorruptError",
+    "StoreIncompleteError",
+    "StoreMismatchError",
     "Task",
     "TopK",
     "TracIn",
     "TraintraceError",
     "TrajectoryRecorder",
     "__version__",
+    "cluster",
     "evaluate",
     "mislabel_detection",
     "query_measurement",

@@ -47,6 +47,18 @@ class RetrainingError(TraintraceError, RuntimeError):
     """
 
 
+class StoreMismatchError(TraintraceError, ValueError):
+    """An existing feature store was written with different settings than the ones requested."""
+
+
+class StoreIncompleteError(TraintraceError, RuntimeError):
+    """A feature store was read for results before every chunk of every checkpoint was written."""
+
+
+class StoreCorruptError(TraintraceError, OSError):
+    """A feature store's files are missing, truncated or unreadable."""
+
+
 class ConfigurationError(TraintraceError, ValueError):
     """An argument has a value outside what the function accepts."""
 
@@ -62,5 +74,8 @@ __all__ = [
     "NotPositiveDefiniteError",
     "RetrainingError",
     "SolverDivergedError",
+    "StoreCorruptError",
+    "StoreIncompleteError",
+    "StoreMismatchError",
     "TraintraceError",
 ]

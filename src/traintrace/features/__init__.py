@@ -1,9 +1,11 @@
-"""Layer 3 — per-example gradients, parameter layouts (and, later, projections and stores)."""
+"""Layer 3 — per-example gradients, parameter layouts, projections and the on-disk feature store."""
 
 from traintrace.features.gradients import GradientComputer, eval_mode
 from traintrace.features.params import ParameterLayout, last_layer_name, select_parameters
+from traintrace.features.store import FeatureStore
 
 __all__ = [
+    "FeatureStore",
     "GradientComputer",
     "ParameterLayout",
     "eval_mode",

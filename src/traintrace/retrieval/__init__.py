@@ -1,5 +1,14 @@
-"""Layer 6 — retrieval: top-k proponents and opponents over score blocks."""
+"""Layer 6 — retrieval: top-k proponents and opponents over score blocks, stores and indexes.
 
+* :func:`exact_top_k` — exact streaming top-k over a :class:`~traintrace.features.store.FeatureStore`
+  (or in-memory features) for the weighted sum over checkpoints, memory flat in ``n``;
+* :class:`FaissIndex` — a FAISS inner-product index over ``sqrt(w_c) F_c`` concatenated across
+  checkpoints, so one inner product is the whole TracIn sum (exact flat, IVF or HNSW);
+* :func:`top_k` — picks exact for small stores and the index for large ones.
+"""
+
+from traintrace.retrieval.exact import exact_top_k
+from traintrace.retrieval.faiss_index import FaissIndex, top_k
 from traintrace.retrieval.topk import Ranking, TopK, top_k_from_blocks
 
-__all__ = ["Ranking", "TopK", "top_k_from_blocks"]
+__all__ = ["FaissIndex", "Ranking", "TopK", "exact_top_k", "top_k", "top_k_from_blocks"]

@@ -1,0 +1,192 @@
+"""Exact streaming top-k and the FAISS index against the dense score matrix.
+
+Expected values: ``S = Σ_c w_c Q_c F_cᵀ`` (or with rows unit-normalized per checkpoint) formed
+densely with ``@``, and its ``torch.topk``. Data are random Gaussians, so ties do not occur.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from traintrace.exceptions import ConfigurationError, StoreIncompleteError, StoreMismatchError
+from traintrace.features.store import FeatureStore
+from traintrace.retrieval import faiss_index
+from traintrace.retrieval.exact import exact_top_k, iter_scores, score
+from traintrace.retrieval.faiss_index import FaissIndex, top_k
+from traintrace.retrieval.topk import TopK
+
+# faiss is an optional dependency (installed by the dev extra); the exact search needs none
+needs_faiss = pytest.mark.skipif(
+    importlib.util.find_spec("faiss") is None, reason="faiss not installed (pip install faiss-cpu)"
+)
+
+WEIGHTS = [0.5, 2.0, 0.1]
+
+
+def dense(features: list[torch.Tensor], queries: list[torch.Tensor], weights, normalize=False):
+    def unit(x: torch.Tensor) -> torch.Tensor:
+        return x / x.norm(dim=1, keepdim=True) if normalize else x
+
+    return sum(w * unit(q) @ unit(f).T for w, q, f in zip(weights, queries, features, strict=True))
+
+
+def make_store(path: Path, features: list[torch.Tensor], dtype: str = "float32") -> FeatureStore:
+    n, width = features[0].shape
+    store = FeatureStore.open(
+        path, {"test": 1}, n=n, width=width, checkpoints=len(features), chunk_size=64, dtype=dtype
+    )
+    for c, f in enumerate(features):
+        for i, (start, stop) in enumerate(store.chunks()):
+            store.write_chunk(c, i, f[start:stop])
+    return store
+
+
+def clustered(n: int, width: int, checkpoints: int, seed: int = 0) -> list[torch.Tensor]:
+    """Gradient-like features: a few dozen directions, per-example noise and scale."""
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.randn(40, width, generator=g) * 3
+    label = torch.randint(0, 40, (n,), generator=g)
+    return [centers[label] + torch.randn(n, width, generator=g) for _ in range(checkpoints)]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> tuple[FeatureStore, list[torch.Tensor], list[torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    features = [torch.randn(300, 16, generator=g) * (1 + c) for c in range(3)]
+    queries = [torch.randn(9, 16, generator=g) for _ in range(3)]
+    return make_store(tmp_path_factory.mktemp("r") / "s", features), features, queries
+
+
+def assert_topk_equal(got: TopK, expected_scores: torch.Tensor, k: int, atol: float = 1e-4):
+    top = torch.topk(expected_scores, k, dim=1)
+    bottom = torch.topk(expected_scores, k, dim=1, largest=False)
+    assert torch.equal(got.proponents.indices, top.indices)
+    assert torch.equal(got.opponents.indices, bottom.indices)
+    torch.testing.assert_close(got.proponents.scores, top.values, atol=atol, rtol=1e-5)
+    torch.testing.assert_close(got.opponents.scores, bottom.values, atol=atol, rtol=1e-5)
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("rows", [None, 7, 1000])
+def test_exact_streaming_equals_dense_topk(data, normalize, rows) -> None:
+    store, features, queries = data
+    weights = [0.5, -2.0, 0.1]  # the exact search takes any sign
+    expected = dense(features, queries, weights, normalize)
+    got = exact_top_k(store, queries, weights, 5, normalize=normalize, rows=rows)
+    assert got.proponents.indices.shape == (9, 5)
+    assert_topk_equal(got, expected, 5)
+    in_memory = exact_top_k(features, torch.stack(queries), weights, 5, normalize=normalize)
+    assert torch.equal(in_memory.proponents.indices, got.proponents.indices)
+    torch.testing.assert_close(score(store, queries, weights, normalize=normalize), expected)
+
+
+def test_streaming_scores_and_checks(data) -> None:
+    store, features, queries = data
+    expected = dense(features, queries, WEIGHTS)
+    out = torch.full((9, 300), float("nan"))
+    score(store, queries, WEIGHTS, out=out, rows=50)
+    torch.testing.assert_close(out, expected)
+    starts = [start for start, _ in iter_scores(store, queries, WEIGHTS, rows=128)]
+    assert starts == [0, 128, 256]
+    k_all = exact_top_k(store, queries, WEIGHTS, 300, rows=11)  # k = n: a full sort
+    assert torch.equal(k_all.proponents.indices, expected.argsort(dim=1, descending=True))
+    with pytest.raises(ConfigurationError, match="larger than the training set"):
+        exact_top_k(store, queries, WEIGHTS, 301)
+    with pytest.raises(ConfigurationError, match="3 checkpoints but 2 query"):
+        exact_top_k(store, queries[:2], WEIGHTS, 3)
+    with pytest.raises(ConfigurationError, match=r"\[m, 16\]"):
+        exact_top_k(store, [q[:, :4] for q in queries], WEIGHTS, 3)
+
+
+def test_float16_store_and_incomplete_store(tmp_path: Path, data) -> None:
+    _, features, queries = data
+    half = make_store(tmp_path / "h", features, dtype="float16")
+    stored = [f.half().float() for f in features]
+    assert_topk_equal(exact_top_k(half, queries, WEIGHTS, 4), dense(stored, queries, WEIGHTS), 4)
+    partial = FeatureStore.open(tmp_path / "p", {}, n=300, width=16, checkpoints=3, chunk_size=64)
+    partial.write_chunk(0, 0, features[0][:64])
+    with pytest.raises(StoreIncompleteError, match="resume"):
+        exact_top_k(partial, queries, WEIGHTS, 3)
+    if importlib.util.find_spec("faiss") is not None:
+        with pytest.raises(StoreIncompleteError):
+            FaissIndex.build(partial, WEIGHTS)
+
+
+@needs_faiss
+@pytest.mark.parametrize("normalize", [False, True])
+def test_faiss_flat_equals_exact(data, normalize) -> None:
+    store, _features, queries = data
+    exact = exact_top_k(store, queries, WEIGHTS, 6, normalize=normalize)
+    index = FaissIndex.build(store, WEIGHTS, normalize=normalize, kind="flat", rows=50)
+    got = index.search(queries, 6)
+    assert torch.equal(got.proponents.indices, exact.proponents.indices)
+    assert torch.equal(got.opponents.indices, exact.opponents.indices)
+    torch.testing.assert_close(got.proponents.scores, exact.proponents.scores, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(got.opponents.scores, exact.opponents.scores, atol=1e-4, rtol=1e-5)
+
+
+@needs_faiss
+def test_faiss_refuses_negative_weights(data) -> None:
+    store, _, _ = data
+    with pytest.raises(ConfigurationError, match=r"w_1=-2\.0"):
+        FaissIndex.build(store, [0.5, -2.0, 0.1])
+
+
+def recall(approximate: torch.Tensor, exact: torch.Tensor) -> float:
+    hits = sum(
+        len(set(a.tolist()) & set(e.tolist())) for a, e in zip(approximate, exact, strict=True)
+    )
+    return hits / exact.numel()
+
+
+@needs_faiss
+@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_approximate_recall(tmp_path_factory, kind, normalize) -> None:
+    """recall@10 >= 0.9 for proponents and opponents with the default parameters."""
+    both = clustered(4020, 32, 2)  # the last 20 examples are the queries
+    features, queries = [f[:4000] for f in both], [f[4000:] for f in both]
+    weights = [0.3, 0.7]
+    exact = exact_top_k(features, queries, weights, 10, normalize=normalize)
+    got = FaissIndex.build(features, weights, kind=kind, normalize=normalize).search(queries, 10)
+    assert recall(got.proponents.indices, exact.proponents.indices) >= 0.9
+    assert recall(got.opponents.indices, exact.opponents.indices) >= 0.9
+
+
+@needs_faiss
+def test_save_load_and_chooser(tmp_path: Path, data, monkeypatch) -> None:
+    store, _features, queries = data
+    index = FaissIndex.build(store, WEIGHTS, kind="flat")
+    path = index.save(tmp_path / "flat.faiss")
+    loaded = FaissIndex.load(path, store)
+    assert torch.equal(
+        loaded.search(queries, 3).proponents.indices, index.search(queries, 3).proponents.indices
+    )
+    other = FeatureStore.open(
+        tmp_path / "other", {"test": 2}, n=300, width=16, checkpoints=3, chunk_size=64
+    )
+    with pytest.raises(StoreMismatchError, match="fingerprint"):
+        FaissIndex.load(path, other)
+
+    exact = exact_top_k(store, queries, WEIGHTS, 4)
+    auto_small = top_k(store, queries, WEIGHTS, 4)  # small: exact, no index written
+    assert torch.equal(auto_small.proponents.indices, exact.proponents.indices)
+    assert not list(store.path.glob("index-*"))
+    monkeypatch.setattr(faiss_index, "EXACT_MAX_VALUES", 0)
+    big = top_k(store, queries, WEIGHTS, 4, kind="flat")  # "large": index built, saved
+    assert torch.equal(big.proponents.indices, exact.proponents.indices)
+    saved = FaissIndex.default_path(store, "flat", False)
+    stamp = saved.stat().st_mtime_ns
+    top_k(store, queries, WEIGHTS, 4, kind="flat")
+    assert saved.stat().st_mtime_ns == stamp  # reused, not rebuilt
+    negative = top_k(store, queries, [0.5, -2.0, 0.1], 4)  # auto falls back to exact
+    assert torch.equal(
+        negative.proponents.indices,
+        exact_top_k(store, queries, [0.5, -2.0, 0.1], 4).proponents.indices,
+    )
+    with pytest.raises(ConfigurationError, match="normalize=False"):
+        top_k(store, queries, WEIGHTS, 4, normalize=True, index=index)
