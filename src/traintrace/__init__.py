@@ -35,6 +35,7 @@ from traintrace.exceptions import (
     StoreMismatchError,
     TraintraceError,
 )
+from traintrace.features.projections import ProjectedGradients, Projection
 from traintrace.features.store import FeatureStore
 from traintrace.methods import (
     AME,
@@ -85,6 +86,8 @@ __all__ = [
     "NonFiniteGradientError",
     "NotFittedError",
     "NotPositiveDefiniteError",
+    "ProjectedGradients",
+    "Projection",
     "Ranking",
     "Regression",
     "RepresenterPoints",

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from traintrace.exceptions import CheckpointMismatchError, ConfigurationError
 
-__all__ = ["Checkpoint", "require_checkpoint"]
+__all__ = ["Checkpoint", "model_fingerprint", "require_checkpoint"]
 
 _STATE_KEYS = ("model_state_dict", "state_dict", "model")
 _OPTIMIZER_KEYS = ("optimizer_state_dict", "optimizer")
@@ -190,3 +190,14 @@ def require_checkpoint(checkpoint: Any) -> Checkpoint:
             "the model's current parameters)"
         )
     return checkpoint
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """A short hash of the architecture: class, and name, shape and dtype of every state entry.
+
+    Stores record it so features computed for another architecture are refused.
+    """
+    h = hashlib.sha256(type(model).__qualname__.encode())
+    for name, value in model.state_dict().items():
+        h.update(f"{name}:{tuple(value.shape)}:{value.dtype};".encode())
+    return h.hexdigest()[:16]

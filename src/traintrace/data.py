@@ -6,6 +6,7 @@ shuffled loader is refused (its order changes between passes).
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -18,6 +19,7 @@ from traintrace.exceptions import BatchFormatError, DataOrderError
 __all__ = [
     "as_loader",
     "batch_size_of",
+    "dataset_fingerprint",
     "dataset_length",
     "in_dims_of",
     "index_batch",
@@ -140,3 +142,28 @@ def dataset_length(loader: DataLoader) -> int | None:
         return len(loader.dataset)  # type: ignore[arg-type]
     except TypeError:
         return None
+
+
+def dataset_fingerprint(dataset: Dataset, samples: int = 8) -> str:
+    """A short hash of a data set's length and of ``samples`` evenly spaced examples.
+
+    Cheap (no pass over the data) and enough to refuse a store built from another data set of
+    the same length; it cannot see a change confined to examples it does not sample.
+    """
+    try:
+        n = len(dataset)  # type: ignore[arg-type]
+    except TypeError:
+        return "unsized"
+    h = hashlib.sha256(str(n).encode())
+    picks = sorted({round(i * (n - 1) / max(samples - 1, 1)) for i in range(samples)}) if n else []
+    for i in picks:
+        _hash_leaves(h, dataset[i])
+    return h.hexdigest()[:16]
+
+
+def _hash_leaves(h: Any, item: Any) -> None:
+    for leaf in _leaves(item):
+        if isinstance(leaf, Tensor):
+            h.update(leaf.detach().cpu().contiguous().numpy().tobytes())
+        else:
+            h.update(repr(leaf).encode())

@@ -327,3 +327,15 @@ def test_two_processes_equal_one(tmp_path: Path, writer) -> None:
     assert tree_bytes(tmp_path / "two") == tree_bytes(tmp_path / "one")
     leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
     assert leftovers == []  # the losing creator removed its temporary directory
+
+
+def test_float64_store_reads_back_exactly(tmp_path):
+    rows = torch.randn(10, 3, dtype=torch.float64)
+    store = FeatureStore.open(
+        tmp_path / "s", {"x": 1}, n=10, width=3, checkpoints=1, dtype="float64", chunk_size=4
+    )
+    assert store.read_dtype == torch.float64
+    for chunk, (start, stop) in enumerate(store.chunks()):
+        store.write_chunk(0, chunk, rows[start:stop])
+    assert torch.equal(store.read(0), rows)
+    torch.testing.assert_close(store.norms(0), rows.norm(dim=1), rtol=1e-15, atol=0)

@@ -351,7 +351,7 @@ def test_feature_memory_limit_is_checked_before_work():
         model,
         tt.Classification(),
         [tt.Checkpoint(states[0], lr=0.1)],
-        max_feature_gib=1e-9,
+        max_disk_gib=1e-9,
         progress=False,
     )
     with pytest.raises(tt.FeatureMemoryError, match="layers='last'"):

@@ -2,12 +2,15 @@
 
 from traintrace.features.gradients import GradientComputer, eval_mode
 from traintrace.features.params import ParameterLayout, last_layer_name, select_parameters
+from traintrace.features.projections import ProjectedGradients, Projection
 from traintrace.features.store import FeatureStore
 
 __all__ = [
     "FeatureStore",
     "GradientComputer",
     "ParameterLayout",
+    "ProjectedGradients",
+    "Projection",
     "eval_mode",
     "last_layer_name",
     "select_parameters",

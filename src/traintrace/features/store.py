@@ -5,9 +5,9 @@ Layout of a store directory::
     meta.json            format version, layout (n, width, checkpoints, dtype, chunk_size) and
                          the caller's settings (model / checkpoint / data fingerprints, weights,
                          projection, ...). Written once, when the store is created.
-    features-000.npy     [n, width] float16 or float32, one per checkpoint (``.npy`` format, so
+    features-000.npy     [n, width] float16, float32 or float64, one per checkpoint (``.npy`` format, so
                          ``numpy.load(path, mmap_mode="r")`` maps it).
-    norms-000.npy        [n] float32 Euclidean norms of the stored rows (for cosine variants).
+    norms-000.npy        [n] float32 (float64 for float64 stores) Euclidean norms of the stored rows (for cosine variants).
     done/rank-00000.json chunks completed by rank 0 (one file per writing process).
     done/all.json        completions merged by :meth:`FeatureStore.finalize`.
 
@@ -82,8 +82,10 @@ _FORMAT = "traintrace.FeatureStore"
 _META = "meta.json"
 _DONE = "done"
 _ALL = "all.json"
-_DTYPES = {"float16": np.float16, "float32": np.float32}
-_TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+_DTYPES = {"float16": np.float16, "float32": np.float32, "float64": np.float64}
+_TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32, "float64": torch.float64}
+#: Dtype of reads and norms per stored dtype: float64 stays float64, the rest read as float32.
+_READ_DTYPES = {"float16": "float32", "float32": "float32", "float64": "float64"}
 #: Default chunk: about this many bytes of stored rows (at least one row, at most ``n``).
 DEFAULT_CHUNK_BYTES = 32 * 2**20
 _MISSING = "<missing>"
@@ -96,7 +98,7 @@ def _dtype_name(dtype: Any) -> str:
             isinstance(dtype, np.dtype) and dtype == np.dtype(np_dtype)
         ):
             return name
-    raise ConfigurationError(f"dtype must be 'float16' or 'float32', got {dtype!r}")
+    raise ConfigurationError(f"dtype must be 'float16', 'float32' or 'float64', got {dtype!r}")
 
 
 def _canonical(settings: Mapping[str, Any]) -> dict[str, Any]:
@@ -234,7 +236,8 @@ class FeatureStore:
         # all ranks: barrier; then
         store.finalize()
 
-    Reads (:meth:`read`, :meth:`norms`, :meth:`iter_chunks`) return float32 tensors of the
+    Reads (:meth:`read`, :meth:`norms`, :meth:`iter_chunks`) return :attr:`read_dtype` tensors
+    (float64 for float64 stores, float32 otherwise) of the
     requested rows only.
     """
 
@@ -253,6 +256,10 @@ class FeatureStore:
         self.durable = durable
         self._np_dtype = np.dtype(_DTYPES[self.dtype])
         self._row_bytes = self.width * self._np_dtype.itemsize
+        #: dtype of reads and norms: float64 for float64 stores, float32 otherwise
+        self.read_dtype: torch.dtype = _TORCH_DTYPES[_READ_DTYPES[self.dtype]]
+        self._read_np = np.dtype(_DTYPES[_READ_DTYPES[self.dtype]])
+        self._norm_bytes = self._read_np.itemsize
         self._fds: dict[tuple[str, int, bool], int] = {}
         self._fd_lock = threading.Lock()
         self._headers: dict[tuple[str, int], int] = {}
@@ -287,7 +294,7 @@ class FeatureStore:
             n: training examples (rows per checkpoint).
             width: features per example (columns).
             checkpoints: number of checkpoints (one features file each).
-            dtype: ``"float32"`` or ``"float16"`` (half the disk; ~3 significant digits, values
+            dtype: ``"float32"``, ``"float64"`` (exact for float64 models) or ``"float16"`` (half the disk; ~3 significant digits, values
                 beyond ±65504 are refused on write).
             chunk_size: rows per chunk (unit of work and resumption); default: about
                 ``DEFAULT_CHUNK_BYTES`` (32 MiB) of rows.
@@ -399,7 +406,7 @@ class FeatureStore:
             for c in range(layout["checkpoints"]):
                 for name, shape, dt in (
                     (f"features-{c:03d}.npy", (layout["n"], layout["width"]), np_dtype),
-                    (f"norms-{c:03d}.npy", (layout["n"],), np.float32),
+                    (f"norms-{c:03d}.npy", (layout["n"],), _DTYPES[_READ_DTYPES[layout["dtype"]]]),
                 ):
                     # open_memmap writes the .npy header and extends the file sparsely (zeros)
                     array = np.lib.format.open_memmap(tmp / name, mode="w+", dtype=dt, shape=shape)
@@ -423,7 +430,7 @@ class FeatureStore:
         for c in range(self.checkpoints):
             for kind, expected in (
                 ("features", self.n * self._row_bytes),
-                ("norms", self.n * 4),
+                ("norms", self.n * self._norm_bytes),
             ):
                 file = self._file(kind, c)
                 try:
@@ -677,7 +684,7 @@ class FeatureStore:
                 "beyond float16's range (65504): use dtype='float32' or scale the features"
             )
         array = stored.numpy()
-        norms = np.empty(len(array), dtype=np.float32)
+        norms = np.empty(len(array), dtype=self._read_np)
         for lo in range(0, len(array), _NORM_ROWS):  # float64 sums, in bounded blocks
             part = array[lo : lo + _NORM_ROWS].astype(np.float64)
             norms[lo : lo + _NORM_ROWS] = np.sqrt(np.einsum("ij,ij->i", part, part))
@@ -689,7 +696,7 @@ class FeatureStore:
         _pwrite_all(
             self._fd("norms", checkpoint, write=True),
             memoryview(norms).cast("B"),
-            self._headers[("norms", checkpoint)] + start * 4,
+            self._headers[("norms", checkpoint)] + start * self._norm_bytes,
         )
         for i in range(start // self.chunk_size, (stop - 1) // self.chunk_size + 1):
             self._written.setdefault((checkpoint, i), []).append((start, stop))
@@ -697,23 +704,24 @@ class FeatureStore:
     def read(
         self, checkpoint: int, start: int = 0, stop: int | None = None, *, out: Tensor | None = None
     ) -> Tensor:
-        """Rows ``[start, stop)`` of ``checkpoint`` as a float32 tensor ``[stop - start, width]``.
+        """Rows ``[start, stop)`` of ``checkpoint`` as a :attr:`read_dtype` tensor ``[rows, width]``.
 
-        Reads only those rows (no mapping of the whole file). ``out``: a contiguous float32
-        tensor of that shape to read into (reused buffers keep memory flat in loops). Does not
+        Reads only those rows (no mapping of the whole file). ``out``: a contiguous
+        :attr:`read_dtype` tensor of that shape to read into (reused buffers keep memory flat in loops). Does not
         check completeness: use :meth:`require_complete` before trusting results.
         """
         self._check_checkpoint(checkpoint)
         start, stop = self._range(start, stop)
         shape = (stop - start, self.width)
         if out is not None and (
-            tuple(out.shape) != shape or out.dtype != torch.float32 or not out.is_contiguous()
+            tuple(out.shape) != shape or out.dtype != self.read_dtype or not out.is_contiguous()
         ):
             raise ConfigurationError(
-                f"out must be a contiguous float32 tensor of shape {shape}, got "
+                f"out must be a contiguous {self.read_dtype} tensor of shape {shape}, got "
                 f"{out.dtype} {tuple(out.shape)}"
             )
-        if self.dtype == "float32" and out is not None:
+        direct = self._np_dtype == self._read_np
+        if direct and out is not None:
             buffer = out.numpy()
         else:
             buffer = np.empty(shape, dtype=self._np_dtype)
@@ -725,21 +733,21 @@ class FeatureStore:
                 self._file("features", checkpoint),
             )
         if out is None:
-            return torch.from_numpy(buffer).float()
-        if self.dtype != "float32":
+            return torch.from_numpy(buffer).to(self.read_dtype)
+        if not direct:
             out.copy_(torch.from_numpy(buffer))
         return out
 
     def norms(self, checkpoint: int, start: int = 0, stop: int | None = None) -> Tensor:
-        """Euclidean norms of the stored rows ``[start, stop)``, float32 ``[stop - start]``."""
+        """Euclidean norms of the stored rows ``[start, stop)``, :attr:`read_dtype` ``[rows]``."""
         self._check_checkpoint(checkpoint)
         start, stop = self._range(start, stop)
-        buffer = np.empty(stop - start, dtype=np.float32)
+        buffer = np.empty(stop - start, dtype=self._read_np)
         if stop > start:
             _pread_into(
                 self._fd("norms", checkpoint),
                 memoryview(buffer).cast("B"),
-                self._headers[("norms", checkpoint)] + start * 4,
+                self._headers[("norms", checkpoint)] + start * self._norm_bytes,
                 self._file("norms", checkpoint),
             )
         return torch.from_numpy(buffer)

@@ -2,45 +2,76 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from collections.abc import Iterator, Sequence
+from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from traintrace.checkpoints import Checkpoint
-from traintrace.data import as_loader, dataset_length, iterate_batches
-from traintrace.exceptions import ConfigurationError
-from traintrace.features.gradients import GradientComputer, stack_gradients
+from traintrace.checkpoints import Checkpoint, model_fingerprint
+from traintrace.data import (
+    as_loader,
+    batch_size_of,
+    dataset_fingerprint,
+    dataset_length,
+    iterate_batches,
+)
+from traintrace.exceptions import ConfigurationError, FeatureMemoryError
 from traintrace.features.params import Layers
+from traintrace.features.projections import ProjectedGradients, Projection
+from traintrace.features.store import FeatureStore
 from traintrace.methods.base import Data, Estimator
+from traintrace.retrieval import exact as exact_retrieval
+from traintrace.retrieval.faiss_index import top_k as retrieval_top_k
+from traintrace.retrieval.topk import Ranking, TopK
 from traintrace.task import Task, require_task
 
-__all__ = ["TracIn"]
+__all__ = ["TracIn", "distributed_rank"]
 
 _GIB = 2**30
 
 
-def _device_of(model: nn.Module) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
+def distributed_rank() -> tuple[int, int]:
+    """``(rank, world_size)`` under ``torchrun`` / an initialized process group, else ``(0, 1)``."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _chunk_loader(loader: DataLoader, start: int, stop: int, batch_size: int) -> DataLoader:
+    """The examples ``[start, stop)`` of ``loader``'s data set, batched like ``loader``."""
+    return DataLoader(
+        Subset(loader.dataset, range(start, stop)),
+        batch_size=loader.batch_size or batch_size,
+        shuffle=False,
+        collate_fn=loader.collate_fn,
+        num_workers=loader.num_workers,
+        pin_memory=loader.pin_memory,
+    )
 
 
 class TracIn(Estimator):
-    """TracInCP: ``score(z, z') = Σ_c η_c · ⟨∇l(z, θ_c), ∇f(z', θ_c)⟩``.
+    """TracInCP: ``score(z, z') = Σ_c η_c · ⟨R ∇l(z, θ_c), R ∇f(z', θ_c)⟩``.
 
     ``c`` runs over the saved checkpoints ``θ_c`` with the learning rate ``η_c`` in force when
     each was saved, ``l`` is the training loss of training example ``z`` and ``f`` the task's
     query measurement (its loss, or the logit margin for unlabeled queries — the prediction
-    variant), oriented so that lower is better.
+    variant), oriented so that lower is better. ``R`` is the projection (``projection=``):
+    none (exact gradients) or a random projection with ``E[⟨Rg, Rg'⟩] = ⟨g, g'⟩``.
 
     **Sign:** positive = the training example *helps* the query (a gradient step on ``z`` lowers
     the query's loss / raises its margin). Proponents are the largest scores, opponents the most
     negative. **Orientation:** ``score`` returns ``[n_query, n_train]``.
 
     With ``normalize=True`` each checkpoint's term uses cosine similarity instead of the dot
-    product (GAS, Hammoudeh & Lowd 2022): ``Σ_c η_c · cos(∇l(z, θ_c), ∇f(z', θ_c))``, which stops
-    examples with large gradients from dominating every ranking.
+    product (GAS, Hammoudeh & Lowd 2022): ``Σ_c η_c · cos(R∇l(z, θ_c), R∇f(z', θ_c))``, which
+    stops examples with large gradients from dominating every ranking.
 
     Args:
         model: the network; evaluated functionally at each checkpoint in eval mode (dropout off,
@@ -48,17 +79,35 @@ class TracIn(Estimator):
         task: loss and measurement (:class:`~traintrace.Classification`, ...).
         checkpoints: saved states with their learning rates.
         layers: parameters to differentiate — ``None`` (all), ``"last"`` (the last layer with
-            parameters: much cheaper, the common "TracIn-last" variant) or module names.
+            parameters) or module names.
         normalize: cosine (GAS) variant.
+        projection: ``None`` — exact per-example gradients (``P`` features per example); an
+            ``int`` ``k`` — the Kronecker-factored projection to about ``k`` features (one
+            forward and one backward per example, never a full per-example gradient); or a
+            :class:`~traintrace.Projection` (``kind="kronecker" | "gaussian" | "rademacher" |
+            "sjlt"``). See :class:`~traintrace.features.projections.ProjectedGradients`.
+        store: directory of the on-disk :class:`~traintrace.FeatureStore` holding the training
+            features (resumable: a killed ``fit`` skips finished chunks; a store written with
+            other settings is refused). ``None``: a temporary store, deleted with the estimator.
+        overwrite_store: replace a store written with other settings instead of refusing it.
+        store_dtype: ``"float32"`` (default), ``"float16"`` (half the disk) or ``"float64"``
+            (default for float64 models: exact).
+        chunk_size: training examples per store chunk (the unit of resumption and of work
+            shared between ``torchrun`` ranks); default about 32 MiB of features.
         batch_size: batch size used when a Dataset (not a DataLoader) is given.
-        max_feature_gib: limit on the in-memory training features (``n_train × P × C``
-            values); exceeded ⇒ :class:`FeatureMemoryError` before any work is done.
+        max_disk_gib: refuse (before any work) a store larger than this.
         progress: show tqdm progress bars.
 
-    Cost: ``fit`` is one vmapped forward+backward per training example per checkpoint and keeps
-    ``C × n_train × P`` numbers in memory (``P`` = selected parameters). ``score`` costs one
-    forward+backward per query per checkpoint plus ``C × n_query × n_train × P`` multiply-adds.
-    ``self_influence`` is free after ``fit``.
+    Distributed: under ``torchrun`` (an initialized ``torch.distributed`` process group), every
+    rank runs ``fit`` with the same arguments and a shared ``store`` path; each featurizes its
+    share of the chunks, and the store is finalized after a barrier. The result is the same
+    store one process would write.
+
+    Cost: ``fit`` is one forward+backward per training example per checkpoint (vmapped exact
+    gradients, or hooks for the Kronecker projection), and ``C × n × width`` numbers on disk,
+    nothing growing with ``n`` in memory. ``score``/``top_k`` cost one forward+backward per query
+    per checkpoint plus one streaming read of the store per block of up to ``query_block``
+    queries. ``self_influence`` reads only the stored norms.
     """
 
     def __init__(
@@ -69,8 +118,14 @@ class TracIn(Estimator):
         *,
         layers: Layers = None,
         normalize: bool = False,
+        projection: Projection | int | None = None,
+        store: str | os.PathLike[str] | None = None,
+        overwrite_store: bool = False,
+        store_dtype: Literal["float16", "float32", "float64"] | None = None,
+        chunk_size: int | None = None,
         batch_size: int = 64,
-        max_feature_gib: float = 4.0,
+        query_block: int = 1024,
+        max_disk_gib: float = 256.0,
         progress: bool = True,
     ) -> None:
         if isinstance(checkpoints, Checkpoint):
@@ -91,102 +146,227 @@ class TracIn(Estimator):
         self.checkpoints = list(checkpoints)
         self.layers = layers
         self.normalize = normalize
+        self.projection = Projection.coerce(projection)
+        self.store_path = store
+        self.overwrite_store = overwrite_store
+        param = next(model.parameters())
+        default_dtype = "float64" if param.dtype == torch.float64 else "float32"
+        self.store_dtype = store_dtype or default_dtype
+        self.chunk_size = chunk_size
         self.batch_size = batch_size
-        self.max_feature_gib = max_feature_gib
+        self.query_block = query_block
+        self.max_disk_gib = max_disk_gib
         self.progress = progress
-        self._grads = GradientComputer(model, task, layers)
+        self._features = ProjectedGradients(model, task, layers, self.projection)
         self.lrs = [c.learning_rate for c in self.checkpoints]
+        self._tmpdir: tempfile.TemporaryDirectory[str] | None = None
 
     @property
     def parameter_names(self) -> list[str]:
         """The differentiated parameters, in feature order."""
-        return list(self._grads.names)
+        return list(self._features.names)
+
+    @property
+    def coverage(self) -> dict[str, str]:
+        """Which path (Kronecker hooks, exact + dense projection, exact) each parameter took."""
+        return dict(self._features.coverage)
 
     def _states(self) -> list[dict[str, Tensor]]:
         return [c.state_for(self.model) for c in self.checkpoints]
 
-    def fit(self, train: Data) -> TracIn:
-        """Compute and keep the training-set gradients at every checkpoint. Returns ``self``.
+    def _settings(self, loader: DataLoader, n: int) -> dict[str, Any]:
+        return {
+            "estimator": "TracIn",
+            "model": model_fingerprint(self.model),
+            "task": repr(self.task),
+            "features": self._features.describe(),
+            "checkpoints": [
+                {"name": c.name, "lr": c.learning_rate, "fingerprint": c.fingerprint(self.model)}
+                for c in self.checkpoints
+            ],
+            "data": {"n": n, "fingerprint": dataset_fingerprint(loader.dataset)},
+        }
 
-        The training set is streamed one batch at a time; example ``i`` is the ``i``-th example
-        in iteration order (a shuffled DataLoader is refused).
+    def _open_store(self, loader: DataLoader, n: int, rank: int, world: int) -> FeatureStore:
+        width = self._features.width
+        itemsize = {"float16": 2, "float32": 4, "float64": 8}[self.store_dtype]
+        need = n * width * len(self.checkpoints) * itemsize / _GIB
+        if need > self.max_disk_gib:
+            raise FeatureMemoryError(
+                f"TracIn would store {n} examples × {width} features × {len(self.checkpoints)} "
+                f"checkpoints = {need:.2f} GiB, above max_disk_gib={self.max_disk_gib}. Use a "
+                "projection (projection=4096), layers='last', fewer checkpoints, "
+                "store_dtype='float16', or raise max_disk_gib."
+            )
+        if self.store_path is None:
+            if world > 1:
+                raise ConfigurationError(
+                    "under torchrun every rank must write the same store: pass store='path' "
+                    "(a directory all ranks can reach)"
+                )
+            self._tmpdir = tempfile.TemporaryDirectory(prefix="traintrace-store-")
+            path = os.path.join(self._tmpdir.name, "store")
+        else:
+            path = os.fspath(self.store_path)
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path)) or ".").free / _GIB
+        if need > free and not os.path.exists(path):
+            raise FeatureMemoryError(
+                f"the feature store needs {need:.2f} GiB but only {free:.2f} GiB are free at "
+                f"{path}; use a projection, store_dtype='float16' or another store path"
+            )
+        return FeatureStore.open(
+            path,
+            self._settings(loader, n),
+            n=n,
+            width=width,
+            checkpoints=len(self.checkpoints),
+            dtype=self.store_dtype,
+            chunk_size=self.chunk_size,
+            overwrite=self.overwrite_store and rank == 0,
+            rank=rank,
+            world_size=world,
+        )
+
+    def fit(self, train: Data) -> TracIn:
+        """Featurize the training set at every checkpoint into the store. Returns ``self``.
+
+        Resumable: chunks already in the store are skipped (a killed run loses at most the
+        chunks in flight). Example ``i`` is the ``i``-th example of the data set; a shuffled
+        DataLoader is refused.
         """
         loader = as_loader(train, self.batch_size)
         n = dataset_length(loader)
-        copies = len(self.checkpoints)
-        if n is not None:
-            self._check_feature_memory(n, self._grads.layout.numel, copies)
-        total = len(loader) * copies if n is not None else None
-        bar = tqdm(total=total, desc="TracIn fit", unit="batch", disable=not self.progress)
-        features: list[Tensor] = []
-        for ckpt, state in zip(self.checkpoints, self._states(), strict=True):
-            matrix = stack_gradients(
-                self._grads,
-                state,
-                loader,
-                where=f"checkpoint {ckpt.name}",
-                on_rows=lambda count: self._check_feature_memory(
-                    count, self._grads.layout.numel, copies
-                ),
-                progress=bar,
+        if n is None:
+            raise ConfigurationError(
+                "TracIn needs a data set with a length (a map-style Dataset) to lay out its store"
             )
-            if features and matrix.shape[0] != features[0].shape[0]:
-                raise ConfigurationError(
-                    f"the training data yielded {matrix.shape[0]} examples at checkpoint "
-                    f"{ckpt.name} but {features[0].shape[0]} before: its order and length must "
-                    "be fixed"
+        rank, world = distributed_rank()
+        if world > 1 and self.overwrite_store:
+            if rank == 0:
+                self._open_store(loader, n, rank, world)
+            dist.barrier()
+        store = self._open_store(loader, n, rank, world)
+        chunks = store.chunks()
+        work = [(c, i) for c in range(len(self.checkpoints)) for i in store.pending(c)]
+        bar = tqdm(
+            total=sum(chunks[i][1] - chunks[i][0] for _, i in work),
+            desc=f"TracIn fit{f' (rank {rank}/{world})' if world > 1 else ''}",
+            unit="ex",
+            disable=not self.progress,
+        )
+        state_of: dict[int, dict[str, Tensor]] = {}
+        device = next(self.model.parameters()).device
+        for c, i in work:
+            if c not in state_of:
+                state_of.clear()  # one checkpoint's state in memory at a time
+                state_of[c] = self.checkpoints[c].state_for(self.model)
+            start, stop = chunks[i]
+            rows = []
+            for offset, batch in iterate_batches(
+                _chunk_loader(loader, start, stop, self.batch_size), device
+            ):
+                rows.append(
+                    self._features.features(
+                        state_of[c],
+                        batch,
+                        "loss",
+                        offset=start + offset,
+                        where=f"checkpoint {self.checkpoints[c].name}",
+                    )
                 )
-            features.append(matrix)
+                bar.update(batch_size_of(batch))
+            store.write_chunk(c, i, torch.cat(rows))
         bar.close()
-        self.train_norms_ = torch.stack([f.norm(dim=1) for f in features])
-        if self.normalize:
-            features = [
-                f / n_.clamp_min(1e-30)[:, None]
-                for f, n_ in zip(features, self.train_norms_, strict=True)
-            ]
-        self.train_features_ = features
-        self.n_train_ = int(features[0].shape[0])
+        if world > 1:
+            dist.barrier()
+        store.finalize()
+        store.require_complete()
+        self.store_ = store
+        self.n_train_ = n
         return self
 
-    def _score_blocks(self, queries: Data) -> Iterator[Tensor]:
+    # -- queries ---------------------------------------------------------------------------------
+    def _query_blocks(self, queries: Data) -> Iterator[list[Tensor]]:
+        """Per-checkpoint query features ``[m, width]`` for blocks of up to ``query_block``."""
+        self._check_fitted()
         loader = as_loader(queries, self.batch_size)
-        device = _device_of(self.model)
-        states = self._states()
+        device = next(self.model.parameters()).device
+        states = self._states()  # C model states in memory while scoring
+        pending: list[list[Tensor]] = [[] for _ in states]
+        count = 0
         for offset, batch in tqdm(
             iterate_batches(loader, device),
             total=len(loader) if dataset_length(loader) is not None else None,
-            desc="TracIn score",
+            desc="TracIn queries",
             unit="batch",
             disable=not self.progress,
             leave=False,
         ):
-            block = None
-            for ckpt, state, lr, feats in zip(
-                self.checkpoints, states, self.lrs, self.train_features_, strict=True
-            ):
-                q = self._grads.per_example(
-                    state,
-                    batch,
-                    "measurement",
-                    offset=offset,
-                    where=f"checkpoint {ckpt.name} (query)",
+            for c, (ckpt, state) in enumerate(zip(self.checkpoints, states, strict=True)):
+                pending[c].append(
+                    self._features.features(
+                        state, batch, "measurement", offset=offset, where=f"{ckpt.name} (query)"
+                    )
                 )
-                if self.normalize:
-                    q = q / q.norm(dim=1, keepdim=True).clamp_min(1e-30)
-                term = lr * (q @ feats.T)
-                block = term if block is None else block + term
-            yield block
+            count += batch_size_of(batch)
+            if count >= self.query_block:
+                yield [torch.cat(p) for p in pending]
+                pending, count = [[] for _ in states], 0
+        if count:
+            yield [torch.cat(p) for p in pending]
+
+    def _score_blocks(self, queries: Data) -> Iterator[Tensor]:
+        for qs in self._query_blocks(queries):
+            yield exact_retrieval.score(self.store_, qs, self.lrs, normalize=self.normalize)
+
+    def top_k(
+        self, queries: Data, k: int = 10, *, method: Literal["auto", "exact", "faiss"] = "auto"
+    ) -> TopK:
+        """The ``k`` strongest proponents and opponents of each query, ``[n_query, k]`` each.
+
+        ``method``: ``"exact"`` streams over the store (memory flat in ``n``); ``"faiss"``
+        searches an approximate FAISS index built beside the store (and reused); ``"auto"``
+        picks exact for stores up to 2^30 values. ``.proponents`` are the largest scores
+        (largest first), ``.opponents`` the most negative (most negative first).
+        """
+        self._check_fitted()
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise ConfigurationError(f"k must be a positive integer, got {k!r}")
+        if k > self.n_train_:
+            raise ConfigurationError(
+                f"k={k} is larger than the training set ({self.n_train_} examples)"
+            )
+        parts = [
+            retrieval_top_k(self.store_, qs, self.lrs, k, normalize=self.normalize, method=method)
+            for qs in self._query_blocks(queries)
+        ]
+        if not parts:
+            raise ConfigurationError("no queries: the query data set is empty")
+        return TopK(
+            proponents=Ranking(
+                torch.cat([p.proponents.indices for p in parts]),
+                torch.cat([p.proponents.scores for p in parts]),
+            ),
+            opponents=Ranking(
+                torch.cat([p.opponents.indices for p in parts]),
+                torch.cat([p.opponents.scores for p in parts]),
+            ),
+        )
 
     def self_influence(self) -> Tensor:
-        """``Σ_c η_c ‖∇l(z, θ_c)‖²`` for every training example, ``[n_train]``.
+        """``Σ_c η_c ‖R∇l(z, θ_c)‖²`` for every training example, ``[n_train]``.
 
         High self-influence flags mislabeled and rare examples (the training loss on both
         sides). Equals the diagonal of ``score(train, train)`` when the task's measurement is
         the loss. With ``normalize=True`` every cosine with itself is 1, so this is the constant
-        ``Σ_c η_c`` — use ``normalize=False`` for self-influence rankings. Cost: free after fit.
+        ``Σ_c η_c`` — use ``normalize=False`` for self-influence rankings. Cost: one read of the
+        stored norms.
         """
         self._check_fitted()
+        store = self.store_
         if self.normalize:
-            return torch.full((self.n_train_,), float(sum(self.lrs)), dtype=self.train_norms_.dtype)
-        lrs = torch.tensor(self.lrs, dtype=self.train_norms_.dtype)
-        return (lrs[:, None] * self.train_norms_**2).sum(dim=0)
+            return torch.full((self.n_train_,), float(sum(self.lrs)), dtype=store.read_dtype)
+        total = torch.zeros(self.n_train_, dtype=store.read_dtype)
+        for c, lr in enumerate(self.lrs):
+            total += lr * store.norms(c) ** 2
+        return total

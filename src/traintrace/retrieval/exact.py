@@ -58,7 +58,7 @@ class FeatureSource(Protocol):
     def read(
         self, checkpoint: int, start: int = 0, stop: int | None = None, *, out: Tensor | None = None
     ) -> Tensor:
-        """Rows ``[start, stop)`` as float32; may fill and return ``out`` (a reusable buffer)."""
+        """Rows ``[start, stop)`` (float32 or wider); may fill and return ``out`` (a buffer)."""
         ...
 
     def norms(self, checkpoint: int, start: int = 0, stop: int | None = None) -> Tensor: ...
@@ -172,7 +172,12 @@ def _read_blocks(
     buffers = (
         None
         if isinstance(source, _InMemory)
-        else [torch.empty(source.checkpoints, rows, source.width) for _ in range(2)]
+        else [
+            torch.empty(
+                source.checkpoints, rows, source.width, dtype=getattr(source, "read_dtype", None)
+            )
+            for _ in range(2)
+        ]
     )
 
     def load(slot: int, start: int) -> tuple[int, int, list[Tensor], list[Tensor] | None]:
