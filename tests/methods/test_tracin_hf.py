@@ -106,3 +106,39 @@ def test_bert_classification_with_dict_batches_equals_brute_force():
     ex = list(zip(ids, mask, labels, strict=True))
     expected = brute_tracin(model, states, [0.5], ex, ex, ce, ce)
     assert ((scores - expected).abs().max() / expected.abs().max()) < 1e-8
+
+
+def _bert():
+    torch.manual_seed(1)
+    cfg = transformers.BertConfig(
+        num_hidden_layers=1,
+        hidden_size=8,
+        num_attention_heads=2,
+        intermediate_size=16,
+        vocab_size=40,
+        max_position_embeddings=16,
+        num_labels=3,
+        attn_implementation="eager",
+    )
+    return transformers.BertForSequenceClassification(cfg).double()
+
+
+@pytest.mark.parametrize("name", ["gpt2", "bert"])
+def test_kronecker_projection_agrees_with_the_exact_path(name):
+    from scipy.stats import spearmanr
+
+    model = gpt2() if name == "gpt2" else _bert()
+    task = tt.LanguageModeling() if name == "gpt2" else tt.Classification()
+    ids, mask = tokens(n=8, seed=2)
+    data = TokenData(ids, mask) if name == "gpt2" else TokenData(ids, mask, torch.arange(8) % 3)
+    ckpt = [tt.Checkpoint(perturbed_states(model, 1, scale=0.05)[0], lr=0.1)]
+    p = sum(q.numel() for q in model.parameters())
+    exact = tt.TracIn(model, task, ckpt, batch_size=4, progress=False).fit(data).score(data)
+    # dim >= P: every Kronecker factor is the identity, so the projection loses nothing
+    full = tt.TracIn(model, task, ckpt, projection=p, batch_size=4, progress=False).fit(data)
+    assert any(v.startswith("kronecker:") for v in full.coverage.values())
+    assert ((full.score(data) - exact).abs().max() / exact.abs().max()) < 1e-8
+    # a real compression keeps the rankings
+    small = tt.TracIn(model, task, ckpt, projection=p // 8, batch_size=4, progress=False).fit(data)
+    rho = [spearmanr(a, b).statistic for a, b in zip(small.score(data), exact, strict=True)]
+    assert min(rho) > 0.5 and sum(rho) / len(rho) > 0.8, rho
