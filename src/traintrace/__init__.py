@@ -40,6 +40,7 @@ from traintrace.features.store import FeatureStore
 from traintrace.methods import (
     AME,
     HYDRA,
+    TRAK,
     EmbeddingKNN,
     Estimator,
     InfluenceFunction,
@@ -63,6 +64,7 @@ __all__ = [
     "HYDRA",
     "KFAC",
     "MFAC",
+    "TRAK",
     "Arnoldi",
     "BatchFormatError",
     "Checkpoint",

@@ -227,7 +227,10 @@ def _estimators(ctx: dict) -> dict[str, Estimate]:
     return {
         "TracIn": gradient(tt.TracIn(model, task, ckpts, **quiet)),
         "TracIn (last layer)": gradient(tt.TracIn(model, task, ckpts, layers="last", **quiet)),
-        "GAS (cosine TracIn)": gradient(tt.TracIn(model, task, ckpts, normalize=True, **quiet)),
+        # a cosine with itself is 1: GAS has no informative self-influence
+        "GAS (cosine TracIn)": gradient(
+            tt.TracIn(model, task, ckpts, normalize=True, **quiet), False
+        ),
         "IF exact Hessian": influence(hessian=tt.Exact(), damping=damp),
         "IF exact GGN": influence(hessian=tt.Exact(), curvature="ggn", damping=wd),
         # self-influence would cost one iterative solve per training example: skipped
@@ -237,6 +240,9 @@ def _estimators(ctx: dict) -> dict[str, Estimate]:
         "IF EK-FAC": influence(hessian=tt.EKFAC(sampled_labels=False), damping=wd),
         "IF M-FAC (emp. Fisher)": influence(hessian=tt.MFAC(), damping=wd),
         "Representer points": gradient(tt.RepresenterPoints(model, task, final, l2=wd, **quiet)),
+        "TRAK (3 models, k=512)": gradient(
+            tt.TRAK(model, task, ctx["ensemble"], projection=512, **quiet)
+        ),
         "HYDRA": hydra,
         "AME": ame,
     }
@@ -257,6 +263,12 @@ def run_evaluation(cfg: EvaluateConfig | None = None) -> EvaluationResult:
     checkpoints = trainer.trace(model, cfg.checkpoints, recorder)
     recorder.close()
     final = checkpoints[-1]
+    # TRAK's ensemble: independently initialized models trained on all the data
+    everything = np.arange(len(train))
+    ensemble = [final] + [
+        tt.Checkpoint(trainer(everything, seed).state_dict(), name=f"model {seed}")
+        for seed in (1, 2)
+    ]
     experiment = json.dumps(
         {k: str(v) for k, v in asdict(cfg).items() if k not in ("output", "progress", "workers")}
     )

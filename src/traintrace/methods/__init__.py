@@ -13,10 +13,12 @@ from traintrace.methods.retraining import (
     query_predictions,
 )
 from traintrace.methods.tracin import TracIn
+from traintrace.methods.trak import TRAK
 
 __all__ = [
     "AME",
     "HYDRA",
+    "TRAK",
     "EmbeddingKNN",
     "Estimator",
     "InfluenceFunction",

@@ -176,7 +176,7 @@ class TracIn(Estimator):
 
     def _settings(self, loader: DataLoader, n: int) -> dict[str, Any]:
         return {
-            "estimator": "TracIn",
+            "estimator": type(self).__name__,
             "model": model_fingerprint(self.model),
             "task": repr(self.task),
             "features": self._features.describe(),
@@ -315,8 +315,13 @@ class TracIn(Estimator):
         if count:
             yield [torch.cat(p) for p in pending]
 
+    def _prepare_queries(self, qs: list[Tensor]) -> list[Tensor]:
+        """Per-checkpoint query features as they enter the inner product (identity here)."""
+        return qs
+
     def _score_blocks(self, queries: Data) -> Iterator[Tensor]:
         for qs in self._query_blocks(queries):
+            qs = self._prepare_queries(qs)
             yield exact_retrieval.score(self.store_, qs, self.lrs, normalize=self.normalize)
 
     def top_k(
@@ -337,7 +342,14 @@ class TracIn(Estimator):
                 f"k={k} is larger than the training set ({self.n_train_} examples)"
             )
         parts = [
-            retrieval_top_k(self.store_, qs, self.lrs, k, normalize=self.normalize, method=method)
+            retrieval_top_k(
+                self.store_,
+                self._prepare_queries(qs),
+                self.lrs,
+                k,
+                normalize=self.normalize,
+                method=method,
+            )
             for qs in self._query_blocks(queries)
         ]
         if not parts:
