@@ -308,6 +308,7 @@ def run_evaluation(cfg: EvaluateConfig | None = None) -> EvaluationResult:
         "recorder": recorder.path,
         "retrainer": retrainer,
         "ame_subsets": cfg.ame_subsets,
+        "ensemble": ensemble,
     }
     rows = []
     for name, estimate in _estimators(ctx).items():
