@@ -4,7 +4,8 @@ Both are measured in this one run on the same data and model (an MLP of about 1M
 so the ratio is meaningful on a shared, noisy machine where absolute seconds are not. The
 physical limit for exact per-example gradients is about one forward and one backward pass per
 example; materializing ``batch × P`` gradients and copying them into the feature matrix costs
-more, which is what this ratio shows.
+more, which is what this ratio shows (benchmarks/featurize_projections.py measures the
+Kronecker projection, which needs no per-example gradient).
 
     .venv/bin/python benchmarks/featurize_vs_epoch.py [--n 512] [--batch 64] [--repeats 3]
 """
@@ -53,12 +54,11 @@ def main() -> None:
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     one_epoch(model, loader, opt)  # warm-up
     ckpt = tt.Checkpoint({k: v.clone() for k, v in model.state_dict().items()}, lr=1e-3)
-    gib = args.n * n_params * 4 / 2**30 * 1.1
 
     epoch_times, fit_times = [], []
     for _ in range(args.repeats):  # interleaved, so background load hits both sides alike
         epoch_times.append(one_epoch(model, loader, opt))
-        est = tt.TracIn(model, tt.Classification(), [ckpt], max_feature_gib=gib, progress=False)
+        est = tt.TracIn(model, tt.Classification(), [ckpt], progress=False)  # exact, temp store
         start = time.perf_counter()
         est.fit(loader)
         fit_times.append(time.perf_counter() - start)
@@ -69,7 +69,7 @@ def main() -> None:
         f"MLP with {n_params:,} parameters, {args.n} examples, batch {args.batch}, torch {torch.__version__}"
     )
     print(f"one training epoch (forward+backward+step): {epoch:.3f} s (median of {args.repeats})")
-    print(f"TracIn.fit, one checkpoint, exact vmap gradients: {fit:.3f} s")
+    print(f"TracIn.fit, one checkpoint, exact vmap gradients into the store: {fit:.3f} s")
     print(f"ratio featurize / epoch = {fit / epoch:.1f}")
 
 
