@@ -31,7 +31,7 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix src tests benchmarks
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/featurize_vs_epoch.py
+	for b in benchmarks/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
 clean:
 	rm -rf demo-output evaluate-output .pytest_cache build src/*.egg-info
