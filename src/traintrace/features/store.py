@@ -89,7 +89,6 @@ _READ_DTYPES = {"float16": "float32", "float32": "float32", "float64": "float64"
 #: Default chunk: about this many bytes of stored rows (at least one row, at most ``n``).
 DEFAULT_CHUNK_BYTES = 32 * 2**20
 _MISSING = "<missing>"
-_NORM_ROWS = 1024
 
 
 def _dtype_name(dtype: Any) -> str:
@@ -684,10 +683,12 @@ class FeatureStore:
                 "beyond float16's range (65504): use dtype='float32' or scale the features"
             )
         array = stored.numpy()
-        norms = np.empty(len(array), dtype=self._read_np)
-        for lo in range(0, len(array), _NORM_ROWS):  # float64 sums, in bounded blocks
-            part = array[lo : lo + _NORM_ROWS].astype(np.float64)
-            norms[lo : lo + _NORM_ROWS] = np.sqrt(np.einsum("ij,ij->i", part, part))
+        # float64 accumulation without a float64 copy of the rows
+        norms = (
+            torch.linalg.vector_norm(stored, dim=1, dtype=torch.float64)
+            .numpy()
+            .astype(self._read_np)
+        )
         _pwrite_all(
             self._fd("features", checkpoint, write=True),
             memoryview(array).cast("B"),

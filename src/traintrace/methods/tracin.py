@@ -225,6 +225,7 @@ class TracIn(Estimator):
             overwrite=self.overwrite_store and rank == 0,
             rank=rank,
             world_size=world,
+            durable=self.store_path is not None,  # a temporary store need not survive power loss
         )
 
     def fit(self, train: Data) -> TracIn:
