@@ -87,3 +87,19 @@ def test_clusters_from_a_store_of_several_checkpoints(tmp_path: Path) -> None:
         cluster(a, 241)
     with pytest.raises(ConfigurationError, match="method"):
         cluster(a, 2, method="dbscan")
+
+
+def test_cluster_accepts_a_fitted_tracin():
+    import traintrace as tt
+    from torch import nn
+    from torch.utils.data import TensorDataset
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3))
+    x, y = torch.randn(30, 4), torch.randint(0, 3, (30,))
+    ckpts = [tt.Checkpoint(model.state_dict(), lr=0.1), tt.Checkpoint(model.state_dict(), lr=0.2)]
+    est = tt.TracIn(model, tt.Classification(), ckpts, progress=False).fit(TensorDataset(x, y))
+    result = tt.cluster(est, n_clusters=3)
+    assert result.labels.shape == (30,)
+    direct = tt.cluster(est.store_, n_clusters=3, weights=est.lrs)
+    assert torch.equal(torch.as_tensor(result.labels), torch.as_tensor(direct.labels))

@@ -79,12 +79,18 @@ def unit_features(
 
     Args:
         features: ``[n, d]`` tensor; one ``[n, width]`` tensor per checkpoint; a complete
-            :class:`FeatureStore`; or a fitted estimator with ``train_features_`` (a list per
-            checkpoint, e.g. :class:`~traintrace.TracIn`), whose ``lrs`` are the default weights.
+            :class:`FeatureStore`; or a fitted estimator with a store (``store_``, e.g.
+            :class:`~traintrace.TracIn`) or ``train_features_`` (a list per checkpoint), whose
+            ``lrs`` are the default weights.
         weights: ``w_c >= 0`` per checkpoint (needed for more than one checkpoint).
 
     All rows are held in memory (``4 n d`` bytes). Rows with zero norm stay zero.
     """
+    if hasattr(features, "store_") or hasattr(features, "train_features_"):
+        if weights is None:
+            weights = getattr(features, "lrs", None)
+        source = getattr(features, "store_", None)
+        return unit_features(features.train_features_ if source is None else source, weights)
     if isinstance(features, Tensor):
         if features.ndim != 2:
             raise ConfigurationError(f"features must be [n, d], got {tuple(features.shape)}")
@@ -98,10 +104,6 @@ def unit_features(
                 [features.read(c, start, stop) for c in range(features.checkpoints)], ws
             )
         return out
-    if hasattr(features, "train_features_"):
-        if weights is None:
-            weights = getattr(features, "lrs", None)
-        features = features.train_features_
     if isinstance(features, Sequence) and features and all(isinstance(f, Tensor) for f in features):
         shapes = {tuple(f.shape) for f in features}
         if len(shapes) != 1 or len(next(iter(shapes))) != 2:
@@ -111,7 +113,8 @@ def unit_features(
         return _combine(list(features), _weights(weights, len(features)))
     raise ConfigurationError(
         "features must be an [n, d] tensor, a list of per-checkpoint [n, width] tensors, a "
-        f"FeatureStore or a fitted estimator with train_features_; got {type(features).__name__}"
+        f"FeatureStore or a fitted estimator with store_ or train_features_; got "
+        f"{type(features).__name__}"
     )
 
 
