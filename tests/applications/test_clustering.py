@@ -90,9 +90,10 @@ def test_clusters_from_a_store_of_several_checkpoints(tmp_path: Path) -> None:
 
 
 def test_cluster_accepts_a_fitted_tracin():
-    import traintrace as tt
     from torch import nn
     from torch.utils.data import TensorDataset
+
+    import traintrace as tt
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 3))
