@@ -94,7 +94,7 @@ from tqdm import tqdm
 
 from traintrace.data import batch_size_of, to_plain
 from traintrace.exceptions import ConfigurationError, NonFiniteGradientError
-from traintrace.features.gradients import eval_mode
+from traintrace.features.gradients import TaskForward, eval_mode
 from traintrace.features.params import Layers, ParameterLayout, select_parameters
 from traintrace.task import Task
 
@@ -462,16 +462,6 @@ def _unsupported_reason(module: nn.Module, leaf: str) -> str | None:
     return f"unsupported module {type(module).__name__}"
 
 
-class _Forward(nn.Module):
-    def __init__(self, model: nn.Module, task: Task) -> None:
-        super().__init__()
-        self.model = model
-        self.task = task
-
-    def forward(self, batch: Any) -> Tensor:
-        return self.task.forward(self.model, batch)
-
-
 class _Recorder:
     """Forward hooks that keep each tracked module's activations and output-gradient hooks."""
 
@@ -689,7 +679,7 @@ class _Preparer:
 
     # -- the passes ------------------------------------------------------------------------
     def run(self) -> KroneckerInverse:
-        wrapper = _Forward(self.model, self.task)
+        wrapper = TaskForward(self.model, self.task)
         param_keys = [k for k, _ in self.model.named_parameters()]
         buffer_keys = [k for k, _ in self.model.named_buffers()]
         # fresh leaves for the selected parameters: gradients land on them, not on the model

@@ -22,7 +22,7 @@ from traintrace.exceptions import ConfigurationError, NonFiniteGradientError, Tr
 from traintrace.features.params import Layers, ParameterLayout, select_parameters, tied_aliases
 from traintrace.task import Task
 
-__all__ = ["GradientComputer", "eval_mode", "forward_at", "stack_gradients"]
+__all__ = ["GradientComputer", "TaskForward", "eval_mode", "forward_at", "stack_gradients"]
 
 Kind = Literal["loss", "measurement"]
 
@@ -54,7 +54,12 @@ class _TaskModule(nn.Module):
         return self.task.oriented_measurement(out, batch)
 
 
-class _ForwardModule(nn.Module):
+class TaskForward(nn.Module):
+    """``task.forward(model, batch)`` as a module, so ``functional_call`` can swap any parameter.
+
+    Its parameters are the model's under the prefix ``model.`` (``"model.fc.weight"``).
+    """
+
     def __init__(self, model: nn.Module, task: Task) -> None:
         super().__init__()
         self.model = model
@@ -71,7 +76,7 @@ def forward_at(model: nn.Module, task: Task, state: Mapping[str, Tensor], batch:
     """
     aliases = tied_aliases(model)
     prefixed = {"model." + k: v for k, v in state.items() if k not in aliases}
-    return functional_call(_ForwardModule(model, task), prefixed, (batch,))
+    return functional_call(TaskForward(model, task), prefixed, (batch,))
 
 
 def _unsqueeze_batched(sample: Any, dims: Any) -> Any:
@@ -151,7 +156,7 @@ class GradientComputer:
         def fn(params: Mapping[str, Tensor]) -> Tensor:
             with eval_mode(self.model):
                 return functional_call(
-                    _ForwardModule(self.model, self.task),
+                    TaskForward(self.model, self.task),
                     (
                         {"model." + k: v for k, v in params.items()},
                         {"model." + k: v for k, v in fixed.items()},

@@ -15,7 +15,13 @@ from torch import Tensor, nn
 
 from traintrace.exceptions import ConfigurationError
 
-__all__ = ["ParameterLayout", "last_layer_name", "select_parameters", "tied_aliases"]
+__all__ = [
+    "ParameterLayout",
+    "last_layer_name",
+    "module_by_name",
+    "select_parameters",
+    "tied_aliases",
+]
 
 Layers = str | Sequence[str] | None
 
@@ -46,6 +52,22 @@ def last_layer_name(model: nn.Module) -> str:
     if last is None:
         raise ConfigurationError(f"{type(model).__name__} has no trainable parameters")
     return last
+
+
+def module_by_name(model: nn.Module, layer: str | None = None) -> tuple[str, nn.Module]:
+    """``(name, module)`` for ``layer``, or for the last module with parameters when None.
+
+    Raises:
+        ConfigurationError: naming the modules that exist.
+    """
+    name = last_layer_name(model) if layer is None else layer
+    modules = dict(model.named_modules())
+    if name not in modules:
+        raise ConfigurationError(
+            f"layer {name!r} is not a module of {type(model).__name__}; modules: "
+            f"{[m for m in modules if m][:20]}"
+        )
+    return name, modules[name]
 
 
 def select_parameters(model: nn.Module, layers: Layers = None) -> list[str]:

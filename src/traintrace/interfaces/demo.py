@@ -208,47 +208,39 @@ def run_demo(cfg: DemoConfig | None = None) -> DemoResult:
         "TracIn self-influence": tt.mislabel_detection(self_inf, flipped),
         "final-model training loss": tt.mislabel_detection(train_loss, flipped),
     }
+    digits = _Digits(x_train, y_noisy, y_clean, flipped, train_pred, x_test, y_test, test_pred)
     report_path = _write_report(
-        cfg,
-        checkpoints,
-        tracin,
-        top,
-        neighbours,
-        q_idx,
-        test_pred,
-        self_inf,
-        detection,
-        x_train,
-        y_noisy,
-        y_clean,
-        flipped,
-        train_pred,
-        x_test,
-        y_test,
-        test_acc,
+        cfg, digits, checkpoints, tracin, top, neighbours, q_idx, self_inf, detection, test_acc
     )
     timings["total"] = time.perf_counter() - t0
     return DemoResult(report_path, test_acc, len(train), int(flipped.sum()), detection, timings)
 
 
+@dataclass
+class _Digits:
+    """The demo's data, labels (given, true, flipped) and the final model's predictions."""
+
+    x_train: torch.Tensor
+    y_noisy: torch.Tensor
+    y_clean: torch.Tensor
+    flipped: torch.Tensor
+    train_pred: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    test_pred: torch.Tensor
+
+
 def _write_report(
-    cfg,
-    checkpoints,
-    tracin,
-    top,
-    neighbours,
-    q_idx,
-    test_pred,
-    self_inf,
-    detection,
-    x_train,
-    y_noisy,
-    y_clean,
-    flipped,
-    train_pred,
-    x_test,
-    y_test,
-    test_acc,
+    cfg: DemoConfig,
+    d: _Digits,
+    checkpoints: list[tt.Checkpoint],
+    tracin: tt.TracIn,
+    top: tt.TopK,
+    neighbours: tt.Ranking,
+    q_idx: list[int],
+    self_inf: torch.Tensor,
+    detection: dict[str, tt.MislabelDetection],
+    test_acc: float,
 ) -> Path:
     from matplotlib.figure import Figure
 
@@ -256,24 +248,26 @@ def _write_report(
     lrs = ", ".join(f"{c.name}: η={c.learning_rate:g}" for c in checkpoints)
     rep.paragraph(
         f"A LeNet-style CNN ({sum(p.numel() for p in tracin.model.parameters()):,} parameters) "
-        f"trained on scikit-learn's digits: {len(y_noisy)} training images of which "
-        f"{int(flipped.sum())} ({cfg.flip_fraction:.0%}) had their label flipped on purpose, "
-        f"{len(y_test)} test images, test accuracy {test_acc:.1%}. TracIn sums "
+        f"trained on scikit-learn's digits: {len(d.y_noisy)} training images of which "
+        f"{int(d.flipped.sum())} ({cfg.flip_fraction:.0%}) had their label d.flipped on purpose, "
+        f"{len(d.y_test)} test images, test accuracy {test_acc:.1%}. TracIn sums "
         f"η_c · ⟨∇loss(train), ∇loss(test)⟩ over {len(checkpoints)} checkpoints ({lrs})."
     )
     rep.paragraph(
         "Sign convention: a positive score means the training image helped the prediction "
         "(a gradient step on it lowers the test image's loss); opponents have the most negative "
-        "scores. Training images whose label was flipped are shaded red.",
+        "scores. Training images whose label was d.flipped are shaded red.",
         note=True,
     )
 
     def train_card(i: int, score_html: str) -> Card:
-        cap = [f"#{i} label {int(y_noisy[i])}", score_html]
-        if flipped[i]:
-            cap.insert(1, f"(true {int(y_clean[i])})")
+        cap = [f"#{i} label {int(d.y_noisy[i])}", score_html]
+        if d.flipped[i]:
+            cap.insert(1, f"(true {int(d.y_clean[i])})")
         return Card(
-            f'<img src="{image_png(x_train[i, 0].numpy())}" alt="train {i}">', cap, bool(flipped[i])
+            f'<img src="{image_png(d.x_train[i, 0].numpy())}" alt="train {i}">',
+            cap,
+            bool(d.flipped[i]),
         )
 
     # -- mislabel detection ------------------------------------------------------------------
@@ -284,7 +278,7 @@ def _write_report(
         ax.plot(det.inspected, det.found, label=f"{name} (AUROC {det.auroc:.3f})")
     ax.plot([0, 1], [0, 1], ls=":", color="grey", label="random order")
     ax.set_xlabel("fraction of training set inspected")
-    ax.set_ylabel("fraction of flipped labels found")
+    ax.set_ylabel("fraction of d.flipped labels found")
     ax.legend(loc="lower right", fontsize=8)
     ax.grid(alpha=0.3)
     rep.figure(fig, "mislabel detection curve")
@@ -308,10 +302,10 @@ def _write_report(
         note=True,
     )
     for row, qi in enumerate(q_idx):
-        truth, pred = int(y_test[qi]), int(test_pred[qi])
+        truth, pred = int(d.y_test[qi]), int(d.test_pred[qi])
         verdict = "correct" if truth == pred else "WRONG"
         query = Card(
-            f'<img src="{image_png(x_test[qi, 0].numpy())}" alt="test {qi}">',
+            f'<img src="{image_png(d.x_test[qi, 0].numpy())}" alt="test {qi}">',
             [f"test #{qi}", f"true {truth}, predicted {pred}", verdict],
             flag=truth != pred,
             big=True,
@@ -352,21 +346,21 @@ def _write_report(
         anchor="self-influence",
     )
     order = torch.argsort(self_inf, descending=True)[: cfg.top_self_influence]
-    hits = int(flipped[order].sum())
+    hits = int(d.flipped[order].sum())
     rep.paragraph(
-        f"{hits} of these {len(order)} have a flipped label. Each card shows the given label, the "
+        f"{hits} of these {len(order)} have a d.flipped label. Each card shows the given label, the "
         "label the final model predicts, and the self-influence Σ_c η_c ‖∇loss‖²."
     )
     cards = [
         Card(
-            f'<img src="{image_png(x_train[int(i), 0].numpy())}" alt="train {int(i)}">',
+            f'<img src="{image_png(d.x_train[int(i), 0].numpy())}" alt="train {int(i)}">',
             [
-                f"#{int(i)} given {int(y_noisy[i])}",
-                f"predicted {int(train_pred[i])}",
-                f"FLIPPED (true {int(y_clean[i])})" if flipped[i] else "clean",
+                f"#{int(i)} given {int(d.y_noisy[i])}",
+                f"predicted {int(d.train_pred[i])}",
+                f"FLIPPED (true {int(d.y_clean[i])})" if d.flipped[i] else "clean",
                 f"{float(self_inf[i]):.3g}",
             ],
-            bool(flipped[i]),
+            bool(d.flipped[i]),
         )
         for i in order
     ]

@@ -33,7 +33,7 @@ from traintrace.checkpoints import Checkpoint
 from traintrace.data import as_loader, dataset_length, iterate_batches
 from traintrace.exceptions import BatchFormatError, ConfigurationError
 from traintrace.features.gradients import eval_mode, forward_at
-from traintrace.features.params import last_layer_name
+from traintrace.features.params import module_by_name
 from traintrace.methods.base import Data, Estimator
 from traintrace.task import Classification, Task
 
@@ -142,14 +142,7 @@ class RepresenterPoints(Estimator):
         self.model = model
         self.task = task
         self.checkpoint = checkpoint
-        self.layer = layer if layer is not None else last_layer_name(model)
-        modules = dict(model.named_modules())
-        if self.layer not in modules:
-            raise ConfigurationError(
-                f"layer {self.layer!r} is not a module of {type(model).__name__}; modules: "
-                f"{[m for m in modules if m][:20]}"
-            )
-        self._module = modules[self.layer]
+        self.layer, self._module = module_by_name(model, layer)
         if not isinstance(self._module, nn.Linear):
             raise ConfigurationError(
                 f"representer points need the last layer to be an nn.Linear; {self.layer!r} is "
