@@ -249,14 +249,14 @@ def _write_report(
     rep.paragraph(
         f"A LeNet-style CNN ({sum(p.numel() for p in tracin.model.parameters()):,} parameters) "
         f"trained on scikit-learn's digits: {len(d.y_noisy)} training images of which "
-        f"{int(d.flipped.sum())} ({cfg.flip_fraction:.0%}) had their label d.flipped on purpose, "
+        f"{int(d.flipped.sum())} ({cfg.flip_fraction:.0%}) had their label flipped on purpose, "
         f"{len(d.y_test)} test images, test accuracy {test_acc:.1%}. TracIn sums "
         f"η_c · ⟨∇loss(train), ∇loss(test)⟩ over {len(checkpoints)} checkpoints ({lrs})."
     )
     rep.paragraph(
         "Sign convention: a positive score means the training image helped the prediction "
         "(a gradient step on it lowers the test image's loss); opponents have the most negative "
-        "scores. Training images whose label was d.flipped are shaded red.",
+        "scores. Training images whose label was flipped are shaded red.",
         note=True,
     )
 
@@ -278,7 +278,7 @@ def _write_report(
         ax.plot(det.inspected, det.found, label=f"{name} (AUROC {det.auroc:.3f})")
     ax.plot([0, 1], [0, 1], ls=":", color="grey", label="random order")
     ax.set_xlabel("fraction of training set inspected")
-    ax.set_ylabel("fraction of d.flipped labels found")
+    ax.set_ylabel("fraction of flipped labels found")
     ax.legend(loc="lower right", fontsize=8)
     ax.grid(alpha=0.3)
     rep.figure(fig, "mislabel detection curve")
@@ -348,7 +348,7 @@ def _write_report(
     order = torch.argsort(self_inf, descending=True)[: cfg.top_self_influence]
     hits = int(d.flipped[order].sum())
     rep.paragraph(
-        f"{hits} of these {len(order)} have a d.flipped label. Each card shows the given label, the "
+        f"{hits} of these {len(order)} have a flipped label. Each card shows the given label, the "
         "label the final model predicts, and the self-influence Σ_c η_c ‖∇loss‖²."
     )
     cards = [
