@@ -329,3 +329,36 @@ def test_leave_one_out_correlation_on_logistic_regression(loo_problem, solver):
     assert pearson >= 0.95, f"Pearson {pearson:.3f} between predicted and retrained loss change"
     # same sign convention as the retrain: removing a helpful example raises the query's loss
     assert float((torch.sign(predicted) == torch.sign(actual)).double().mean()) > 0.8
+
+
+@pytest.mark.parametrize(
+    "hessian",
+    [tt.Exact(), tt.CG(), tt.LiSSA(), tt.Arnoldi(rank=10), tt.KFAC(), tt.EKFAC(), tt.MFAC()],
+    ids=lambda h: type(h).__name__,
+)
+def test_every_path_on_an_indefinite_hessian_without_damping_errors_clearly_or_stays_finite(
+    hessian,
+):
+    model = tiny_mlp(5)
+    x, y = tiny_data(seed=9)
+    est = tt.InfluenceFunction(
+        model,
+        tt.Classification(),
+        tt.Checkpoint(model.state_dict()),
+        hessian=hessian,
+        damping=0.0,
+        progress=False,
+    )
+    try:
+        with pytest.warns(RuntimeWarning) if isinstance(hessian, tt.Arnoldi) else _no_context():
+            scores = est.fit(TensorDataset(x, y)).score(TensorDataset(x[:3], y[:3]))
+    except tt.TraintraceError as err:
+        assert "damping" in str(err) or "scale" in str(err), str(err)
+    else:
+        assert bool(torch.isfinite(scores).all())
+
+
+def _no_context():
+    import contextlib
+
+    return contextlib.nullcontext()
