@@ -19,6 +19,7 @@ def test_demo_writes_a_self_contained_report(tmp_path, capsys):
     assert not re.search(r"(src|href)=[\"']?(https?:|//)", html), "report must not link outside"
     assert html.count("data:image/png;base64,") > 8 * 16 + 30
     assert "Finding mislabeled training images" in html
+    assert "had their label flipped on purpose" in html and "d.flipped" not in html
     assert len(list((out / "checkpoints").glob("*.pt"))) == 5
     auroc = float(
         re.search(r"TracIn self-influence\s+\S+\s+\S+\s+\S+\s+([0-9.]+)", summary).group(1)
