@@ -194,7 +194,7 @@ def test_arnoldi_low_rank_stores_only_r_coordinates():
         damping=0.5,
         progress=False,
     ).fit(TensorDataset(x, y))
-    assert est.train_features_.shape == (24, 5)
+    assert (est.store_.n, est.store_.width) == (24, 5)  # r coordinates per example, not P
     # equals the explicit formula with H⁻¹ replaced by its top-5 eigen-approximation
     h = explicit_hessian(model, x, y) + 0.5 * torch.eye(43, dtype=DT)
     vals, vecs = torch.linalg.eigh(h)

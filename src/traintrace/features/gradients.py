@@ -15,14 +15,13 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
-from torch.utils.data import DataLoader
 
-from traintrace.data import batch_size_of, dataset_length, in_dims_of, iterate_batches, map_tensors
-from traintrace.exceptions import ConfigurationError, NonFiniteGradientError, TraintraceError
+from traintrace.data import batch_size_of, in_dims_of, map_tensors
+from traintrace.exceptions import NonFiniteGradientError, TraintraceError
 from traintrace.features.params import Layers, ParameterLayout, select_parameters, tied_aliases
 from traintrace.task import Task
 
-__all__ = ["GradientComputer", "TaskForward", "eval_mode", "forward_at", "stack_gradients"]
+__all__ = ["GradientComputer", "TaskForward", "eval_mode", "forward_at"]
 
 Kind = Literal["loss", "measurement"]
 
@@ -253,70 +252,6 @@ def _hf_attention_hint(model: nn.Module) -> str:
         f". This Hugging Face model uses attn_implementation={impl!r}; build it with "
         "attn_implementation='eager' (same weights and results) to let vmap batch it"
     )
-
-
-def stack_gradients(
-    computer: GradientComputer,
-    state: Mapping[str, Tensor],
-    loader: DataLoader,
-    *,
-    kind: Kind = "loss",
-    where: str = "",
-    transform: Callable[[Tensor], Tensor] | None = None,
-    width: int | None = None,
-    on_rows: Callable[[int], None] | None = None,
-    progress: Any = None,
-) -> Tensor:
-    """Per-example gradients of every example in ``loader``, stacked ``[n, P]``.
-
-    One batch of full gradients exists at a time. When the data set knows its length the result
-    is preallocated and gradients are written into it directly. ``transform`` maps each batch's
-    ``[b, P]`` gradients to ``[b, width]`` (a projection) before they are kept. ``on_rows(count)``
-    is called as rows accumulate when the length is unknown (for memory checks); ``progress``
-    (a tqdm bar) is advanced once per batch.
-
-    Raises:
-        ConfigurationError: if the loader yields more or fewer examples than its length.
-    """
-    n = dataset_length(loader)
-    param = next(iter(computer.model.parameters()))
-    cols = computer.layout.numel if transform is None else width
-    if cols is None:
-        raise ValueError("width is required with transform")
-    matrix = torch.empty(n, cols, dtype=param.dtype, device=param.device) if n is not None else None
-    rows: list[Tensor] = []
-    count = 0
-    for offset, batch in iterate_batches(loader, param.device):
-        size = batch_size_of(batch)
-        if n is not None and offset + size > n:
-            raise ConfigurationError(f"the data yielded more than len(dataset)={n} examples")
-        direct = matrix is not None and transform is None
-        g = computer.per_example(
-            state,
-            batch,
-            kind,
-            offset=offset,
-            where=where,
-            out=matrix[offset : offset + size] if direct else None,
-        )
-        if transform is not None:
-            g = transform(g)
-            if matrix is not None:
-                matrix[offset : offset + size] = g
-        if matrix is None:
-            rows.append(g)
-        count += size
-        if matrix is None and on_rows is not None:
-            on_rows(count)
-        if progress is not None:
-            progress.update(1)
-    if n is not None and count != n:
-        raise ConfigurationError(
-            f"the data yielded {count} examples but len(dataset) is {n}: its length must be fixed"
-        )
-    if matrix is not None:
-        return matrix
-    return torch.cat(rows) if rows else torch.empty(0, cols, dtype=param.dtype, device=param.device)
 
 
 def check_finite(

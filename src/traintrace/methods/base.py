@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from traintrace.exceptions import FeatureMemoryError, NotFittedError
+from traintrace.exceptions import NotFittedError
 from traintrace.retrieval.topk import TopK, top_k_from_blocks
 
 __all__ = ["Estimator"]
@@ -31,21 +31,6 @@ class Estimator:
 
     #: Number of training examples seen by ``fit`` (set by ``fit``).
     n_train_: int
-
-    def _check_feature_memory(self, n: int, width: int, copies: int = 1) -> None:
-        """Refuse, before any work, to keep more than ``max_feature_gib`` of features."""
-        limit = getattr(self, "max_feature_gib", None)
-        if limit is None:
-            return
-        itemsize = next(self.model.parameters()).element_size()  # type: ignore[attr-defined]
-        need = n * width * copies * itemsize / 2**30
-        if need > limit:
-            raise FeatureMemoryError(
-                f"{type(self).__name__} would keep {n} examples × {width} features"
-                f"{f' × {copies} checkpoints' if copies > 1 else ''} = {need:.2f} GiB in memory, "
-                f"above max_feature_gib={limit}. Restrict the parameters (layers='last' or "
-                "layers=[module names]), use fewer checkpoints, or raise max_feature_gib."
-            )
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "n_train_"):

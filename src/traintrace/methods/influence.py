@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from traintrace.checkpoints import Checkpoint, require_checkpoint
@@ -20,17 +21,17 @@ from traintrace.curvature import (
     make_solver,
 )
 from traintrace.curvature.operators import CURVATURES, Curvature, curvature_operator
-from traintrace.data import as_loader, dataset_length, iterate_batches
+from traintrace.data import as_loader
 from traintrace.exceptions import ConfigurationError
-from traintrace.features.gradients import GradientComputer, stack_gradients
 from traintrace.features.params import Layers
-from traintrace.methods.base import Data, Estimator
+from traintrace.methods.base import Data
+from traintrace.methods.tracin import TracIn
 from traintrace.task import Task, require_task
 
 __all__ = ["InfluenceFunction"]
 
 
-class InfluenceFunction(Estimator):
+class InfluenceFunction(TracIn):
     """Influence of removing a training example on a query's measurement.
 
     ``score(z, z') = (1/n) · ∇f(z', θ)ᵀ (C + λI)⁻¹ ∇l(z, θ)``
@@ -80,9 +81,14 @@ class InfluenceFunction(Estimator):
     MFAC       ``m`` gradients + ``O(m² P)``             ``O(m P)``
     ========== ========================================= ====================================
 
-    Every path also stores the ``n × P`` training gradients, except Arnoldi, which keeps only
-    their ``r`` coordinates in its eigenbasis, so per-example scoring cost does not grow with
-    ``P`` after ``fit``.
+    The training gradients go to an on-disk :class:`~traintrace.FeatureStore` (``n × P``
+    numbers; a temporary one unless ``store=`` is given — resumable, refused when written with
+    other settings), so memory does not grow with ``n``; Arnoldi stores only their ``r``
+    coordinates in its eigenbasis, so per-example scoring cost does not grow with ``P`` after
+    ``fit``.
+
+    ``store``, ``overwrite_store``, ``store_dtype``, ``chunk_size``, ``query_block``,
+    ``max_disk_gib``: as :class:`~traintrace.TracIn`.
     """
 
     def __init__(
@@ -97,34 +103,36 @@ class InfluenceFunction(Estimator):
         layers: Layers = None,
         curvature_data: Data | None = None,
         batch_size: int = 64,
-        max_feature_gib: float = 4.0,
         progress: bool = True,
+        **store_options: Any,
     ) -> None:
         require_checkpoint(checkpoint)
         require_task(task)
+        if {"projection", "normalize"} & set(store_options):
+            raise ConfigurationError(
+                "InfluenceFunction works on exact gradients (the inverse curvature is applied in "
+                "parameter space): projection= and normalize= are TracIn's options"
+            )
         if curvature not in CURVATURES:
             raise ConfigurationError(
                 f"curvature must be one of {sorted(CURVATURES)}, got {curvature!r}"
             )
         if damping is not None and not damping >= 0:
             raise ConfigurationError(f"damping must be >= 0, got {damping}")
-        self.model = model
-        self.task = task
+        super().__init__(
+            model,
+            task,
+            [dataclasses.replace(checkpoint, lr=1.0)],
+            layers=layers,
+            batch_size=batch_size,
+            progress=progress,
+            **store_options,
+        )
         self.checkpoint = checkpoint
         self.hessian = hessian if isinstance(hessian, KFAC) else make_solver(hessian)
         self.damping = damping
         self.curvature = curvature
-        self.layers = layers
         self.curvature_data = curvature_data
-        self.batch_size = batch_size
-        self.max_feature_gib = max_feature_gib
-        self.progress = progress
-        self._grads = GradientComputer(model, task, layers)
-
-    @property
-    def parameter_names(self) -> list[str]:
-        """The differentiated parameters, in feature order."""
-        return list(self._grads.names)
 
     def _inverse(
         self, state: dict[str, Tensor], loader: torch.utils.data.DataLoader
@@ -144,86 +152,83 @@ class InfluenceFunction(Estimator):
         return self.hessian.prepare(operator)
 
     def fit(self, train: Data) -> InfluenceFunction:
-        """Build the inverse curvature and keep the training gradients. Returns ``self``."""
+        """Build the inverse curvature, then store the training gradients. Returns ``self``.
+
+        The training gradients are written chunk by chunk (resumable); Arnoldi stores their
+        coordinates in its eigenbasis instead.
+        """
         loader = as_loader(train, self.batch_size)
         curv_loader = (
             loader
             if self.curvature_data is None
             else as_loader(self.curvature_data, self.batch_size)
         )
-        state = self.checkpoint.state_for(self.model)
-        inverse = self._inverse(state, curv_loader)
-        n = dataset_length(loader)
-        low_rank = isinstance(inverse, LowRankInverse)
-        width = inverse.rank if low_rank else self._grads.layout.numel
-        if n is not None:
-            self._check_feature_memory(n, width)
-        bar = tqdm(
-            total=len(loader) if n is not None else None,
-            desc="influence: training gradients",
-            unit="batch",
-            disable=not self.progress,
-        )
-        features = stack_gradients(
-            self._grads,
-            state,
-            loader,
-            where=f"checkpoint {self.checkpoint.name}",
-            transform=inverse.project if low_rank else None,
-            width=width,
-            on_rows=lambda count: self._check_feature_memory(count, width),
-            progress=bar,
-        )
-        bar.close()
-        self.inverse_ = inverse
-        self.state_ = state
-        self.train_features_ = features
-        self.n_train_ = int(features.shape[0])
+        self.state_ = self.checkpoint.state_for(self.model)
+        self.inverse_ = self._inverse(self.state_, curv_loader)
+        super().fit(train)
         return self
 
-    def _query_side(self, q: Tensor) -> Tensor:
-        """``(1/n) (C + λI)⁻¹ q`` for query gradients ``[b, P]`` (Arnoldi: in its eigenbasis)."""
-        inverse = self.inverse_
-        if isinstance(inverse, LowRankInverse):
-            return inverse.project(q) / inverse.eigenvalues / self.n_train_
-        return inverse.solve(q).to(q.dtype) / self.n_train_
+    def _low_rank(self) -> LowRankInverse | None:
+        inverse = getattr(self, "inverse_", None)
+        return inverse if isinstance(inverse, LowRankInverse) else None
 
-    def _score_blocks(self, queries: Data) -> Iterator[Tensor]:
-        loader = as_loader(queries, self.batch_size)
-        device = next(self.model.parameters()).device
-        for offset, batch in tqdm(
-            iterate_batches(loader, device),
-            total=len(loader) if dataset_length(loader) is not None else None,
-            desc="influence: queries",
-            unit="batch",
-            disable=not self.progress,
-            leave=False,
-        ):
-            q = self._grads.per_example(
-                self.state_, batch, "measurement", offset=offset, where="query"
-            )
-            yield self._query_side(q) @ self.train_features_.to(q.dtype).T
+    def _feature_width(self) -> int:
+        low_rank = self._low_rank()
+        return low_rank.rank if low_rank is not None else super()._feature_width()
+
+    def _train_features(
+        self, state: dict[str, Tensor], batch: Any, offset: int, where: str
+    ) -> Tensor:
+        g = super()._train_features(state, batch, offset, where)
+        low_rank = self._low_rank()
+        return g if low_rank is None else low_rank.project(g).to(g.dtype)
+
+    def _settings(self, loader: DataLoader, n: int) -> dict[str, Any]:
+        settings = super()._settings(loader, n)
+        low_rank = self._low_rank()
+        if low_rank is not None:  # the stored coordinates depend on the eigenbasis
+            settings["eigenbasis"] = {
+                "solver": repr(self.hessian),
+                "damping": self.damping,
+                "curvature": self.curvature,
+                "eigenvalues": [float(v) for v in low_rank.eigenvalues],
+            }
+        return settings
+
+    def _query_side(self, q: Tensor) -> Tensor:
+        """``(1/n) (C + λI)⁻¹ q`` for gradients ``[b, P]`` (Arnoldi: in its eigenbasis)."""
+        low_rank = self._low_rank()
+        if low_rank is not None:
+            return (low_rank.project(q) / low_rank.eigenvalues / self.n_train_).to(q.dtype)
+        return self.inverse_.solve(q).to(q.dtype) / self.n_train_
+
+    def _prepare_queries(self, qs: list[Tensor]) -> list[Tensor]:
+        return [self._query_side(q) for q in qs]
 
     def self_influence(self, chunk_size: int = 256) -> Tensor:
         """``(1/n) ∇l(z)ᵀ (C + λI)⁻¹ ∇l(z)`` for every training example, ``[n_train]``.
 
-        Large values flag examples the model bends to fit (mislabeled, rare). Cost: one inverse
-        application per training example (batched by ``chunk_size``): cheap for Exact, K-FAC,
-        M-FAC and Arnoldi (``O(r)`` each from the stored coordinates), ``n`` solves for CG and
-        LiSSA.
+        Large values flag examples the model bends to fit (mislabeled, rare). Cost: one read of
+        the store and one inverse application per training example (batched by
+        ``chunk_size``): cheap for Exact, K-FAC, M-FAC and Arnoldi (``O(r)`` each from the
+        stored coordinates), ``n`` iterative solves for CG and LiSSA.
         """
         self._check_fitted()
-        feats = self.train_features_
-        if isinstance(self.inverse_, LowRankInverse):
-            return (feats**2 / self.inverse_.eigenvalues).sum(dim=1) / self.n_train_
-        out = torch.empty(self.n_train_, dtype=feats.dtype, device=feats.device)
-        for start in tqdm(
-            range(0, self.n_train_, chunk_size),
+        out = torch.empty(self.n_train_, dtype=self.store_.read_dtype)
+        bar = tqdm(
+            total=self.n_train_,
             desc="influence: self-influence",
-            unit="chunk",
+            unit="ex",
             disable=not self.progress,
             leave=False,
-        ):
-            rows = feats[start : start + chunk_size]
-            out[start : start + chunk_size] = (self._query_side(rows) * rows).sum(dim=1)
+        )
+        low_rank = self._low_rank()
+        for start, rows in self.store_.iter_chunks(0, chunk_size):
+            if low_rank is not None:
+                values = (rows**2 / low_rank.eigenvalues.to(rows.dtype)).sum(dim=1) / self.n_train_
+            else:
+                values = (self._query_side(rows) * rows).sum(dim=1)
+            out[start : start + len(rows)] = values
+            bar.update(len(rows))
+        bar.close()
         return out

@@ -187,13 +187,23 @@ class TracIn(Estimator):
             "data": {"n": n, "fingerprint": dataset_fingerprint(loader.dataset)},
         }
 
+    def _feature_width(self) -> int:
+        """Columns of the stored training features."""
+        return self._features.width
+
+    def _train_features(
+        self, state: dict[str, Tensor], batch: Any, offset: int, where: str
+    ) -> Tensor:
+        """The stored features of a batch of training examples: ``R ∇l(z)``."""
+        return self._features.features(state, batch, "loss", offset=offset, where=where)
+
     def _open_store(self, loader: DataLoader, n: int, rank: int, world: int) -> FeatureStore:
-        width = self._features.width
+        width = self._feature_width()
         itemsize = {"float16": 2, "float32": 4, "float64": 8}[self.store_dtype]
         need = n * width * len(self.checkpoints) * itemsize / _GIB
         if need > self.max_disk_gib:
             raise FeatureMemoryError(
-                f"TracIn would store {n} examples × {width} features × {len(self.checkpoints)} "
+                f"{type(self).__name__} would store {n} examples × {width} features × {len(self.checkpoints)} "
                 f"checkpoints = {need:.2f} GiB, above max_disk_gib={self.max_disk_gib}. Use a "
                 "projection (projection=4096), layers='last', fewer checkpoints, "
                 "store_dtype='float16', or raise max_disk_gib."
@@ -239,7 +249,8 @@ class TracIn(Estimator):
         n = dataset_length(loader)
         if n is None:
             raise ConfigurationError(
-                "TracIn needs a data set with a length (a map-style Dataset) to lay out its store"
+                f"{type(self).__name__} needs a data set with a length (a map-style Dataset) to "
+                "lay out its store"
             )
         rank, world = distributed_rank()
         if world > 1 and self.overwrite_store:
@@ -251,7 +262,7 @@ class TracIn(Estimator):
         work = [(c, i) for c in range(len(self.checkpoints)) for i in store.pending(c)]
         bar = tqdm(
             total=sum(chunks[i][1] - chunks[i][0] for _, i in work),
-            desc=f"TracIn fit{f' (rank {rank}/{world})' if world > 1 else ''}",
+            desc=f"{type(self).__name__} fit{f' (rank {rank}/{world})' if world > 1 else ''}",
             unit="ex",
             disable=not self.progress,
         )
@@ -267,12 +278,11 @@ class TracIn(Estimator):
                 _chunk_loader(loader, start, stop, self.batch_size), device
             ):
                 rows.append(
-                    self._features.features(
+                    self._train_features(
                         state_of[c],
                         batch,
-                        "loss",
-                        offset=start + offset,
-                        where=f"checkpoint {self.checkpoints[c].name}",
+                        start + offset,
+                        f"checkpoint {self.checkpoints[c].name}",
                     )
                 )
                 bar.update(batch_size_of(batch))
