@@ -223,11 +223,14 @@ class InfluenceFunction(TracIn):
             leave=False,
         )
         low_rank = self._low_rank()
+        device = next(self.model.parameters()).device  # where the inverse lives
         for start, rows in self.store_.iter_chunks(0, chunk_size):
             if low_rank is not None:
-                values = (rows**2 / low_rank.eigenvalues.to(rows.dtype)).sum(dim=1) / self.n_train_
+                values = (rows**2 / low_rank.eigenvalues.cpu().to(rows.dtype)).sum(1)
+                values = values / self.n_train_
             else:
-                values = (self._query_side(rows) * rows).sum(dim=1)
+                on_device = rows.to(device)
+                values = (self._query_side(on_device) * on_device).sum(dim=1).cpu()
             out[start : start + len(rows)] = values
             bar.update(len(rows))
         bar.close()

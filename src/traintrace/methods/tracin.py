@@ -330,9 +330,13 @@ class TracIn(Estimator):
         """Per-checkpoint query features as they enter the inner product (identity here)."""
         return qs
 
+    def _stored_side(self, qs: list[Tensor]) -> list[Tensor]:
+        """Prepared query features on the CPU, where the store's rows are read."""
+        return [q.cpu() for q in self._prepare_queries(qs)]
+
     def _score_blocks(self, queries: Data) -> Iterator[Tensor]:
         for qs in self._query_blocks(queries):
-            qs = self._prepare_queries(qs)
+            qs = self._stored_side(qs)
             yield exact_retrieval.score(self.store_, qs, self.lrs, normalize=self.normalize)
 
     def top_k(
@@ -355,7 +359,7 @@ class TracIn(Estimator):
         parts = [
             retrieval_top_k(
                 self.store_,
-                self._prepare_queries(qs),
+                self._stored_side(qs),
                 self.lrs,
                 k,
                 normalize=self.normalize,

@@ -116,9 +116,13 @@ class TRAK(TracIn):
                     disable=not self.progress,
                     leave=False,
                 ):
-                    phi = self._features.features(
-                        state, batch, "measurement", offset=offset, where=f"{ckpt.name} (Φ)"
-                    ).double()
+                    phi = (
+                        self._features.features(
+                            state, batch, "measurement", offset=offset, where=f"{ckpt.name} (Φ)"
+                        )
+                        .double()
+                        .cpu()
+                    )
                     kernel += phi.T @ phi
             damping = self.damping
             if damping is None:
@@ -139,7 +143,8 @@ class TRAK(TracIn):
         if self.preconditioners_ is None:
             return qs
         return [
-            (q.double() @ a).to(q.dtype) for q, a in zip(qs, self.preconditioners_, strict=True)
+            (q.cpu().double() @ a).to(q.dtype)
+            for q, a in zip(qs, self.preconditioners_, strict=True)
         ]
 
     def self_influence(self) -> Tensor:
