@@ -100,3 +100,17 @@ def test_self_influence_is_the_diagonal_and_errors_are_clear():
             damping=0.0,
             progress=False,
         ).fit(TensorDataset(x[:5], y[:5]))
+
+
+def test_more_features_than_examples_warns():
+    model, states, (x, y), _ = setup(3, n=12)
+    est = tt.TRAK(
+        model,
+        tt.Classification(),
+        [tt.Checkpoint(states[0])],
+        projection=64,
+        damping=1e-3,
+        progress=False,
+    )
+    with pytest.warns(RuntimeWarning, match="rank at most 12"):
+        est.fit(TensorDataset(x, y))

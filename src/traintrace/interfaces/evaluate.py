@@ -240,8 +240,9 @@ def _estimators(ctx: dict) -> dict[str, Estimate]:
         "IF EK-FAC": influence(hessian=tt.EKFAC(sampled_labels=False), damping=wd),
         "IF M-FAC (emp. Fisher)": influence(hessian=tt.MFAC(), damping=wd),
         "Representer points": gradient(tt.RepresenterPoints(model, task, final, l2=wd, **quiet)),
-        "TRAK (3 models, k=512)": gradient(
-            tt.TRAK(model, task, ctx["ensemble"], projection=512, **quiet)
+        # TRAK needs k well below n: ΦᵀΦ is k × k of rank <= n
+        "TRAK (3 models, k=64)": gradient(
+            tt.TRAK(model, task, ctx["ensemble"], projection=min(64, len(train) // 4), **quiet)
         ),
         "HYDRA": hydra,
         "AME": ame,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Sequence
 from typing import Literal
 
@@ -101,6 +102,14 @@ class TRAK(TracIn):
         loader = as_loader(train, self.batch_size)
         device = next(self.model.parameters()).device
         k = self._features.width
+        if k >= self.n_train_:
+            warnings.warn(
+                f"TRAK: {k} features for {self.n_train_} training examples: ΦᵀΦ has rank at most "
+                f"{self.n_train_}, so (ΦᵀΦ + λI)⁻¹ is governed by the damping in its null space "
+                "and scores degrade; use a projection well below the number of examples",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         inverses = []
         for c, ckpt in enumerate(self.checkpoints):
             kernel = torch.zeros(k, k, dtype=torch.float64)
