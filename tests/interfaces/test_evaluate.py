@@ -39,7 +39,7 @@ def test_evaluate_ranks_every_estimator_and_writes_results(tmp_path):
     saved = json.loads((tmp_path / "results.json").read_text())
     assert len(saved["rows"]) == len(result.rows)
     html = (tmp_path / "report.html").read_text()
-    assert "LDS" in html and "data:image/png;base64," in html
+    assert "LDS" in html and "± s.e." in html and "data:image/png;base64," in html
     # the retrains are cached: a second run reuses every one of them
     cached = list((tmp_path / "retrains").glob("*.npz"))
     assert len(cached) >= cfg.lds_subsets + cfg.loo_examples

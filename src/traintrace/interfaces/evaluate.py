@@ -370,11 +370,21 @@ def _write_report(result: EvaluationResult, cfg: EvaluateConfig) -> None:
     )
     rows = sorted(result.rows, key=lambda r: -_nan_low(r.lds))
     rep.table(
-        ["estimator", "LDS", "LOO Pearson", "LOO Spearman", "mislabel AUROC", "time (s)", "note"],
+        [
+            "estimator",
+            "LDS",
+            "± s.e.",
+            "LOO Pearson",
+            "LOO Spearman",
+            "mislabel AUROC",
+            "time (s)",
+            "note",
+        ],
         [
             [
                 r.estimator,
                 f"{r.lds:.3f}",
+                f"{r.lds_se:.3f}",
                 f"{r.loo_pearson:.3f}",
                 f"{r.loo_spearman:.3f}",
                 "—" if r.mislabel_auroc is None else f"{r.mislabel_auroc:.3f}",
@@ -397,7 +407,7 @@ def _write_report(result: EvaluationResult, cfg: EvaluateConfig) -> None:
             textcoords="offset points",
         )
     ax.set_xscale("log")
-    ax.set_xlabel("time for fit + score + self-influence (s, log scale)")
+    ax.set_xlabel("time for fit + score + self-influence (s, log scale; AME: its retrains)")
     ax.set_ylabel("LDS (higher is better)")
     ax.grid(alpha=0.3)
     rep.figure(fig, "LDS against time per estimator")
