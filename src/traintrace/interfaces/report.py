@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 import html
 import io
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -127,11 +127,3 @@ def scored(value: float, fmt: str = "{:+.3g}") -> str:
     """A score coloured by sign (green helps, red hurts)."""
     cls = "pos" if value > 0 else "neg"
     return f'<span class="{cls}">{fmt.format(value)}</span>'
-
-
-def text_card(text: str, caption: Sequence[str] = (), flag: bool = False) -> Card:
-    """A card for a text example (escaped)."""
-    return Card(f"<div>{html.escape(text)}</div>", caption, flag)
-
-
-Renderer = Callable[[int], str]

@@ -163,8 +163,8 @@ class InfluenceFunction(TracIn):
             if self.curvature_data is None
             else as_loader(self.curvature_data, self.batch_size)
         )
-        self.state_ = self.checkpoint.state_for(self.model)
-        self.inverse_ = self._inverse(self.state_, curv_loader)
+        state = self.checkpoint.state_for(self.model)
+        self.inverse_ = self._inverse(state, curv_loader)
         super().fit(train)
         return self
 

@@ -29,7 +29,7 @@ from traintrace.features.store import FeatureStore
 from traintrace.methods.base import Data, Estimator
 from traintrace.retrieval import exact as exact_retrieval
 from traintrace.retrieval.faiss_index import top_k as retrieval_top_k
-from traintrace.retrieval.topk import Ranking, TopK
+from traintrace.retrieval.topk import Ranking, TopK, check_k
 from traintrace.task import Task, require_task
 
 __all__ = ["TracIn", "distributed_rank"]
@@ -350,12 +350,7 @@ class TracIn(Estimator):
         (largest first), ``.opponents`` the most negative (most negative first).
         """
         self._check_fitted()
-        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-            raise ConfigurationError(f"k must be a positive integer, got {k!r}")
-        if k > self.n_train_:
-            raise ConfigurationError(
-                f"k={k} is larger than the training set ({self.n_train_} examples)"
-            )
+        check_k(k, self.n_train_)  # before any query gradient is computed
         parts = [
             retrieval_top_k(
                 self.store_,

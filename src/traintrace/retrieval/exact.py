@@ -26,7 +26,7 @@ from torch import Tensor
 
 from traintrace.exceptions import ConfigurationError
 from traintrace.features.store import FeatureStore
-from traintrace.retrieval.topk import Ranking, TopK
+from traintrace.retrieval.topk import Ranking, TopK, check_k
 
 __all__ = [
     "BLOCK_VALUES",
@@ -333,10 +333,7 @@ def exact_top_k(
         largest first, opponents most negative first.
     """
     source = as_feature_source(train)
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ConfigurationError(f"k must be a positive integer, got {k!r}")
-    if k > source.n:
-        raise ConfigurationError(f"k={k} is larger than the training set ({source.n} examples)")
+    check_k(k, source.n)
     qs, ws = _check_queries(source.checkpoints, source.width, queries, weights)
     running = _RunningTopK(k)
     for start, block in _scored_blocks(

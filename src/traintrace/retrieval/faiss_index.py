@@ -58,7 +58,7 @@ from traintrace.retrieval.exact import (
     as_feature_source,
     exact_top_k,
 )
-from traintrace.retrieval.topk import Ranking, TopK
+from traintrace.retrieval.topk import Ranking, TopK, check_k
 
 __all__ = ["EXACT_MAX_VALUES", "FaissIndex", "IndexKind", "top_k"]
 
@@ -287,10 +287,7 @@ class FaissIndex:
             TraintraceError: an approximate index found fewer than ``k`` results for a query
                 (raise ``nprobe`` / ``ef_search``, or use ``kind="flat"``).
         """
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ConfigurationError(f"k must be a positive integer, got {k!r}")
-        if k > self.n:
-            raise ConfigurationError(f"k={k} is larger than the training set ({self.n} examples)")
+        check_k(k, self.n)
         qs, _ = _check_queries(self.checkpoints, self.width, queries, self.weights)
         norms = [q.norm(dim=1) for q in qs] if self.normalize else None
         y = _concat(qs, norms, self.weights)

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from traintrace.exceptions import ConfigurationError
 
-__all__ = ["Ranking", "TopK", "top_k_from_blocks"]
+__all__ = ["Ranking", "TopK", "check_k", "top_k_from_blocks"]
 
 
 @dataclass(frozen=True)
@@ -39,12 +39,18 @@ class TopK:
     opponents: Ranking
 
 
-def top_k_from_blocks(blocks: Iterable[Tensor], k: int, n_train: int) -> TopK:
-    """Exact top-k (largest and smallest) of each row over a stream of ``[b, n_train]`` blocks."""
-    if not isinstance(k, int) or k < 1:
+def check_k(k: object, n_train: int) -> int:
+    """``k`` if it is an integer in ``[1, n_train]``, else a :class:`ConfigurationError`."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ConfigurationError(f"k must be a positive integer, got {k!r}")
     if k > n_train:
         raise ConfigurationError(f"k={k} is larger than the training set ({n_train} examples)")
+    return k
+
+
+def top_k_from_blocks(blocks: Iterable[Tensor], k: int, n_train: int) -> TopK:
+    """Exact top-k (largest and smallest) of each row over a stream of ``[b, n_train]`` blocks."""
+    check_k(k, n_train)
     pro_i, pro_s, opp_i, opp_s = [], [], [], []
     for block in blocks:
         top = torch.topk(block, k, dim=1, largest=True, sorted=True)
