@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -25,7 +26,7 @@ from traintrace.features.layers import _Group, _Norm, _Role
 if TYPE_CHECKING:
     from traintrace.features.projections import ProjectedGradients
 
-__all__ = ["HookedPass"]
+__all__ = ["Capture", "HookedPass"]
 
 
 def _first_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -56,8 +57,13 @@ class HookedPass:
         dtype: torch.dtype,
         device: torch.device,
         track_abs: bool,
+        capture: bool = False,
     ) -> None:
         self.pg = owner
+        self.capture = capture
+        #: capture mode: per group key, the raw ``(rows side, cols side)`` of every layer call;
+        #: a side is ``[B, d, T]`` (dense) or ``[B, T]`` integer tokens (one-hot, −1 = padding)
+        self.terms: dict[str, list[tuple[Tensor, Tensor]]] = {}
         self.size = size
         self.dtype = dtype
         self.device = device
@@ -169,6 +175,10 @@ class HookedPass:
         identity = (group.k_cols == group.cols) if role.out_rows else (group.k_rows == group.rows)
         k = p.shape[0]
         if role.type == "Embedding":
+            if self.capture:  # keep the tokens: the one-hot side is never formed
+                tokens = x.reshape(lead, -1)
+                pad = getattr(module, "padding_idx", None)
+                return tokens if pad is None else tokens.masked_fill(tokens == pad, -1)
             tokens = x.reshape(-1)
             m = F.one_hot(tokens, k).T.to(self.dtype) if identity else p.index_select(1, tokens)
             pad = getattr(module, "padding_idx", None)
@@ -261,9 +271,14 @@ class HookedPass:
             g = grad.reshape(-1, grad.shape[-1])
             proj_out = _per_example(g.T if identity else p_out @ g.T, b)
         rows, cols = (proj_out, proj_in) if role.out_rows else (proj_in, proj_out)
+        if self.capture:
+            self.terms.setdefault(group.key, []).append((rows, cols))
+            return
         self._add(self.feats, group.key, torch.bmm(rows, cols.transpose(1, 2)))
         if self.track_abs:
-            self._add(self.abs, group.key, torch.bmm(rows.abs(), cols.abs().transpose(1, 2)))
+            self._add(
+                self.abs, group.key, torch.bmm(rows.abs(), cols.abs().transpose(1, 2)).detach()
+            )
 
     @staticmethod
     def _add(acc: dict[str, Tensor], key: str, value: Tensor) -> None:
@@ -288,3 +303,27 @@ class HookedPass:
                 self._add(self.norm_grads, name, value)
                 if self.track_abs:
                     self._add(self.norm_abs, name, value.abs())
+
+
+@dataclass
+class Capture:
+    """Everything the exact engine needs about one batch's per-example gradients.
+
+    Attributes:
+        size: ``B``, the examples in the batch.
+        terms: per covered group key, the ``(rows side, cols side)`` of every layer call: the
+            example's canonical gradient is ``G_i = Σ_terms Σ_t r_{i,t} c_{i,t}ᵀ``. A side is
+            ``[B, d, T]`` (dense) or ``[B, T]`` integer tokens (one-hot columns, −1 = none).
+        formed: per demoted group key, the per-example canonical gradients ``[B, rows, cols]``
+            (from ``vmap``, when the hooks could not be used for that group).
+        flat: ``[B, P_dense]`` exact per-example gradients of the parameters outside the groups
+            (normalization affine parameters from the hooks, the rest from ``vmap``), in the
+            owner's dense order; ``None`` when there are none.
+        values: ``[B]`` the per-example values that were differentiated.
+    """
+
+    size: int
+    terms: dict[str, list[tuple[Tensor, Tensor]]]
+    formed: dict[str, Tensor]
+    flat: Tensor | None
+    values: Tensor

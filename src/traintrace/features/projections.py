@@ -116,7 +116,7 @@ from torch import Tensor, nn
 from traintrace.data import batch_size_of, index_batch, to_plain
 from traintrace.exceptions import ConfigurationError, NonFiniteGradientError
 from traintrace.features.gradients import GradientComputer
-from traintrace.features.hooks import HookedPass
+from traintrace.features.hooks import Capture, HookedPass
 from traintrace.features.layers import (
     TRANSPOSED,
     _Group,
@@ -389,6 +389,7 @@ class ProjectedGradients:
         projection: Projection | int | None = None,
         *,
         cache_mib: float = 256.0,
+        capture: bool = False,
     ) -> None:
         self.model = model
         self.task = task
@@ -413,7 +414,15 @@ class ProjectedGradients:
         self._checked_multi = False
         self.coverage: dict[str, str] = {}
         self.columns: dict[str, slice] = {}
+        self._capture = capture
         proj = self.projection
+        if capture:
+            if proj is not None:
+                raise ConfigurationError("capture=True plans the exact factors: projection=None")
+            # every group at full size: identity factors, so the hooks see the raw (b, ã)
+            self._plan_kronecker(Projection(dim=max(1, self.layout.numel) * 2))
+            self.projection = None
+            return
         if proj is None:
             self.width = self.layout.numel
             self.coverage = dict.fromkeys(self.names, "exact")
@@ -771,6 +780,57 @@ class ProjectedGradients:
         self._check_finite(out, offset, where)
         return out
 
+    # -- the exact capture (capture=True) -------------------------------------------------------
+    def capture(
+        self,
+        state: Mapping[str, Tensor],
+        batch: Any,
+        kind: Kind = "loss",
+        *,
+        offset: int = 0,
+        where: str = "",
+    ) -> Capture:
+        """The raw per-layer factors of a batch's per-example gradients (``capture=True`` only).
+
+        One hooked forward and one backward to the layer outputs; groups the hooks cannot serve
+        and the dense group's parameters get exact ``vmap`` gradients. The hooked paths are
+        verified (on the first batch and the first batch with more than one example) on at most
+        three examples, so the check never forms more than three per-example gradients.
+        """
+        if not self._capture:
+            raise ConfigurationError("capture() needs ProjectedGradients(..., capture=True)")
+        batch = to_plain(batch)
+        size = batch_size_of(batch)
+        ref = state[self.names[0]]
+        dtype, device = ref.dtype, ref.device
+        if not self._checked_single or (size > 1 and not self._checked_multi):
+            small = min(size, 3)
+            sub = batch if small == size else index_batch(batch, slice(0, small), size)
+            run = self._hooked_pass(state, sub, kind, small, dtype, device, True)
+            self._verify(state, sub, kind, small, dtype, device, run)
+        run = self._hooked_pass(state, batch, kind, size, dtype, device, False, capture=True)
+        exact_names = [n for g in self._groups if not g.hooked for n in g.params]
+        exact_names += [n for n in self._dense_names if n not in run.norm_grads]
+        named: dict[str, Tensor] = dict(run.norm_grads)
+        values = run.values
+        if exact_names:
+            computer = self._exact_computer(exact_names)
+            flat = computer.per_example(state, batch, kind, offset=offset, where=where)
+            for n, sl in computer.layout.slices().items():
+                named[n] = flat[:, sl]
+        if values is None:  # nothing hooked: the values of a plain forward
+            values = self._all.values(state, batch, kind).detach()
+        formed = {
+            g.key: canonical_matrix(g, named, self._shapes) for g in self._groups if not g.hooked
+        }
+        dense = None
+        if self._dense_names:
+            dense = torch.cat([named[n].reshape(size, -1) for n in self._dense_names], dim=1)
+        terms = {
+            k: v for k, v in run.terms.items() if any(g.key == k and g.hooked for g in self._groups)
+        }
+        return Capture(size, terms, formed, dense, values)
+
     # -- the Kronecker path --------------------------------------------------------------------
     def _kronecker_features(
         self, state: Mapping[str, Tensor], batch: Any, kind: Kind, offset: int, where: str
@@ -816,8 +876,9 @@ class ProjectedGradients:
         dtype: torch.dtype,
         device: torch.device,
         track_abs: bool,
+        capture: bool = False,
     ) -> HookedPass:
-        run = HookedPass(self, size, dtype, device, track_abs)
+        run = HookedPass(self, size, dtype, device, track_abs, capture)
         modules = self._hooked_modules()
         if not modules:
             return run
@@ -839,7 +900,9 @@ class ProjectedGradients:
                     raise
                 # expanding a [1, ...] output over the batch broke the model: stop expanding
                 self._stop_expanding(run, "the model failed when its output was expanded")
-                return self._hooked_pass(state, batch, kind, size, dtype, device, track_abs)
+                return self._hooked_pass(
+                    state, batch, kind, size, dtype, device, track_abs, capture
+                )
             if values.ndim != 1 or values.shape[0] != size:
                 raise ConfigurationError(
                     f"the task returned shape {tuple(values.shape)}, expected one value per "
