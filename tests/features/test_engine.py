@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import traintrace as tt
 from traintrace.features.engine import ExactGradients
 
-torch.set_default_dtype(torch.float64)
+DT = torch.float64
 
 
 def brute(model: nn.Module, task: tt.Task, batch: tuple, kind: str = "loss") -> torch.Tensor:
@@ -29,7 +28,10 @@ def brute(model: nn.Module, task: tt.Task, batch: tuple, kind: str = "loss") -> 
         grads = torch.autograd.grad(value.sum(), params, allow_unused=True)
         rows.append(
             torch.cat(
-                [(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(params, grads, strict=True)]
+                [
+                    (torch.zeros_like(p) if g is None else g).reshape(-1)
+                    for p, g in zip(params, grads, strict=True)
+                ]
             )
         )
     return torch.stack(rows)
@@ -41,7 +43,7 @@ class SeqModel(nn.Module):
     def __init__(self, vocab: int = 11, d: int = 6, t: int = 5, classes: int = 3) -> None:
         super().__init__()
         self.emb = nn.Embedding(vocab, d, padding_idx=0)
-        self.pos = nn.Parameter(torch.randn(1, t, d) * 0.1)
+        self.pos = nn.Parameter(torch.randn(1, t, d, dtype=DT) * 0.1)
         self.proj = nn.Linear(d, d)
         self.norm = nn.LayerNorm(d)
         self.head = nn.Linear(d, classes, bias=False)
@@ -76,18 +78,18 @@ def conv_model(**kw) -> nn.Module:
 
 def _cases():
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(7, 5, generator=g)
+    x = torch.randn(7, 5, generator=g, dtype=DT)
     y = torch.randint(0, 3, (7,), generator=g)
     mlp = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3, bias=False))
     yield "linear", mlp, tt.Classification(), (x, y)
-    img = torch.randn(6, 2, 7, 7, generator=g)
+    img = torch.randn(6, 2, 7, 7, generator=g, dtype=DT)
     yi = torch.randint(0, 3, (6,), generator=g)
     for name, kw in {
         "conv-stride-pad": {"stride": 2, "padding": 1},
         "conv-dilation": {"dilation": 2, "padding": 2},
         "conv-reflect": {"padding": 1, "padding_mode": "reflect"},
     }.items():
-        model = conv_model(**kw)
+        model = conv_model(**kw).double()
         model(img)  # materialize the lazy layer
         yield name, model, tt.Classification(), (img, yi)
     tok = torch.randint(0, 11, (6, 5), generator=g)
@@ -121,12 +123,16 @@ def test_engine_matches_brute_force(name, model, task, batch):
     got = torch.cat([engine.dot(c, dirs) for c in caps], dim=1)
     torch.testing.assert_close(got, qref @ ref.T, atol=tol, rtol=0)
     # dense directions (e.g. a preconditioned query)
-    dense = torch.randn(3, ref.shape[1])
+    dense = torch.randn(3, ref.shape[1], dtype=DT)
     got = torch.cat([engine.dot(c, engine.directions_from_flat(dense)) for c in caps], dim=1)
-    torch.testing.assert_close(got, dense @ ref.T, atol=1e-10 * float(ref.abs().max() * 10 * ref.shape[1]), rtol=0)
+    torch.testing.assert_close(
+        got, dense @ ref.T, atol=1e-10 * float(ref.abs().max() * 10 * ref.shape[1]), rtol=0
+    )
     # squared norms and per-unit parts that sum to the total
     sq = torch.cat([engine.sq_norms(c) for c in caps])
-    torch.testing.assert_close(sq, ref.square().sum(1), atol=1e-10 * float(ref.square().sum(1).max()), rtol=0)
+    torch.testing.assert_close(
+        sq, ref.square().sum(1), atol=1e-10 * float(ref.square().sum(1).max()), rtol=0
+    )
     per_unit = torch.cat([engine.sq_norms(c, per_unit=True) for c in caps], dim=1)
     assert per_unit.shape[0] == len(engine.units)
     torch.testing.assert_close(per_unit.sum(0), sq)
@@ -148,7 +154,14 @@ def test_coverage_names_paths():
 def test_hf_conv1d_and_gpt2_sequences():
     transformers = pytest.importorskip("transformers")
     config = transformers.GPT2Config(
-        vocab_size=13, n_positions=8, n_embd=8, n_layer=1, n_head=2, attn_pdrop=0, resid_pdrop=0, embd_pdrop=0
+        vocab_size=13,
+        n_positions=8,
+        n_embd=8,
+        n_layer=1,
+        n_head=2,
+        attn_pdrop=0,
+        resid_pdrop=0,
+        embd_pdrop=0,
     )
     torch.manual_seed(0)
     model = transformers.GPT2LMHeadModel(config).double().eval()
@@ -166,6 +179,13 @@ def test_hf_conv1d_and_gpt2_sequences():
         rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(v.sum(), params)]))
     ref = torch.stack(rows)
     assert any(v == "hooks:Conv1D" for v in engine.coverage.values())
-    torch.testing.assert_close(engine.flatten(cap), ref, atol=1e-10 * float(ref.abs().max()), rtol=0)
-    torch.testing.assert_close(engine.dot(cap, engine.directions(cap)), ref @ ref.T, atol=1e-9 * float((ref @ ref.T).abs().max()), rtol=0)
+    torch.testing.assert_close(
+        engine.flatten(cap), ref, atol=1e-10 * float(ref.abs().max()), rtol=0
+    )
+    torch.testing.assert_close(
+        engine.dot(cap, engine.directions(cap)),
+        ref @ ref.T,
+        atol=1e-9 * float((ref @ ref.T).abs().max()),
+        rtol=0,
+    )
     torch.testing.assert_close(engine.sq_norms(cap), ref.square().sum(1))

@@ -230,7 +230,7 @@ class ExactGradients:
             raise NonFiniteGradientError(
                 f"non-finite {'loss' if kind == 'loss' else 'measurement'}"
                 f"{' at ' + where if where else ''} for examples "
-                f"{[int(i) + offset for i in bad]}; check those inputs and labels for NaN/inf "
+                f"{[int(i) + offset for i in bad]}. Check those inputs and labels for NaN/inf, "
                 "and the checkpoint for NaN weights"
             )
         return cap

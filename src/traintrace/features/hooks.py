@@ -272,9 +272,9 @@ class HookedPass:
             proj_out = _per_example(g.T if identity else p_out @ g.T, b)
         rows, cols = (proj_out, proj_in) if role.out_rows else (proj_in, proj_out)
         if self.capture:
-            self.terms.setdefault(group.key, []).append((rows, cols))
+            self.terms.setdefault(group.key, []).append((rows.detach(), cols.detach()))
             return
-        self._add(self.feats, group.key, torch.bmm(rows, cols.transpose(1, 2)))
+        self._add(self.feats, group.key, torch.bmm(rows, cols.transpose(1, 2)).detach())
         if self.track_abs:
             self._add(
                 self.abs, group.key, torch.bmm(rows.abs(), cols.abs().transpose(1, 2)).detach()
