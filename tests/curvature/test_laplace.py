@@ -19,8 +19,8 @@ from torch.func import functional_call, jacrev
 from torch.utils.data import TensorDataset
 
 import traintrace as tt
-from traintrace.curvature.laplace import DampingSelection, LaplaceEvidence, select_damping
 from traintrace.curvature.lanczos import slq_density
+from traintrace.curvature.laplace import DampingSelection, LaplaceEvidence, select_damping
 from traintrace.curvature.operators import GaussNewton
 from traintrace.exceptions import ConfigurationError, NotPositiveDefiniteError
 
@@ -71,7 +71,10 @@ def brute_log_evidence(model, x, y, damping: float) -> float:
     nll = float(F.cross_entropy(logits, y, reduction="sum"))
     _, logdet = torch.linalg.slogdet(ggn_sum + delta * torch.eye(dim, dtype=DT))
     return (
-        -nll - 0.5 * delta * float(theta @ theta) + 0.5 * dim * math.log(delta) - 0.5 * float(logdet)
+        -nll
+        - 0.5 * delta * float(theta @ theta)
+        + 0.5 * dim * math.log(delta)
+        - 0.5 * float(logdet)
     )
 
 

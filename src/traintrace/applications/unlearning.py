@@ -130,7 +130,9 @@ class SelectParameters:
         for name in ("mass", "max_fraction") + (("fraction",) if self.fraction is not None else ()):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and 0 < value <= 1):
-                raise ConfigurationError(f"SelectParameters.{name} must be in (0, 1], got {value!r}")
+                raise ConfigurationError(
+                    f"SelectParameters.{name} must be in (0, 1], got {value!r}"
+                )
         for name in ("max_parameters", "probes"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -180,9 +182,7 @@ class SelectParameters:
         return order[:k].sort().values
 
 
-def _restricted_step(
-    operator: CurvatureOperator, gradient: Tensor, indices: Tensor
-) -> Tensor:
+def _restricted_step(operator: CurvatureOperator, gradient: Tensor, indices: Tensor) -> Tensor:
     """``E (Eᵀ A E)⁻¹ Eᵀ g`` for the columns ``E`` of the identity at ``indices``; ``[P]``."""
     p, k = operator.dim, indices.numel()
     block = torch.empty(k, k, dtype=operator.dtype, device=operator.device)

@@ -7,8 +7,8 @@ factored approximations return inverse operators whose ``solve`` takes a vector 
 """
 
 from traintrace.curvature.kfac import EKFAC, KFAC, KroneckerInverse
-from traintrace.curvature.laplace import DampingSelection, LaplaceEvidence, select_damping
 from traintrace.curvature.lanczos import SpectralDensity, lanczos, slq_density, top_eigenpairs
+from traintrace.curvature.laplace import DampingSelection, LaplaceEvidence, select_damping
 from traintrace.curvature.operators import (
     CurvatureOperator,
     EmpiricalFisher,
