@@ -81,39 +81,48 @@ def _subset_loader(train: Dataset | DataLoader, indices: list[int], batch_size: 
 class SelectParameters:
     """How ``unlearn(..., parameters=...)`` chooses the parameter block it updates.
 
-    **Statistic.** With ``g = Σ_{z∈R} ∇l̃(z, θ)`` (the removed examples' summed gradient, L2 term
-    included) and ``d_j = |C_jj| + λ`` (the diagonal of the damped curvature used for the step),
-    each parameter ``j`` gets the saliency
+    **Rule: greedy forward selection by conditional saliency.** Let ``g = Σ_{z∈R} ∇l̃(z, θ)`` be
+    the removed examples' summed gradient (L2 term included), ``H = C + λI`` the damped curvature
+    of the step and ``d_j = |H_jj|`` its diagonal. Starting from the empty block ``S``, each of
+    ``rounds`` rounds
 
-        s_j = g_j² / d_j,
+    1. computes the residual ``r = g − H_{:,S} H_SS⁻¹ g_S`` — the gradient of the quadratic model
+       of the retraining objective after the Newton step restricted to ``S`` (``r = g`` at first;
+       ``r_S = 0``): the part of the removal's pull that the block does not explain yet;
+    2. scores every parameter outside ``S`` by its *conditional saliency* ``r_j² / d_j`` — twice
+       the further decrease of the quadratic model from adding a Newton step in coordinate ``j``
+       alone (Optimal Brain Damage's saliency of the removal gradient, conditioned on ``S``);
+    3. adds the ``⌈k_max / rounds⌉`` highest to ``S`` and computes their columns ``H e_j``.
 
-    twice the decrease of the quadratic model of the retraining objective achieved by a Newton
-    step in coordinate ``j`` alone (Optimal Brain Damage's saliency, applied to the removal
-    gradient). The block ``S`` is the smallest set of top-saliency parameters whose saliencies sum
-    to ``mass`` of the total (or the top ``fraction`` of parameters), capped by ``max_fraction``
-    and ``max_parameters``; the Newton step is then solved on ``S`` alone with the dense block
-    ``C_SS + λI``.
+    It stops when the remaining saliency ``Σ_{j∉S} r_j² / d_j`` falls below ``1 − mass`` of the
+    initial ``Σ_j g_j² / d_j``, or at ``k_max`` parameters (``fraction · P`` if given, else
+    ``min(max_fraction · P, max_parameters)``). The update is the Newton step on ``S``,
+    ``H_SS⁻¹ g_S`` — the ``H``-orthogonal projection of the full Newton step onto ``S``, so never
+    farther from it in the ``H``-norm than ``θ`` is.
 
-    **Why this proxy and not L-CODEC's estimator.** L-CODEC selects a Markov blanket of the
-    parameters with the CODEC conditional-dependence coefficient (Azadkia & Chatterjee) and FOCI
-    forward selection over many randomly perturbed copies of the network — hundreds of forward
-    passes and a nearest-neighbour ranking per selected parameter. The saliency needs one
-    gradient of the removed examples (computed anyway) and a curvature diagonal (exact for
-    ``P <= 128``, else a Hutchinson estimate from ``probes`` curvature products batched in one
-    pass), it is deterministic, and it targets what the update needs: the restricted Newton step
-    is the ``H``-orthogonal projection of the full Newton step onto ``S``, so it is never farther
-    from it in the ``H``-norm than ``θ`` is, and the saliency ranks coordinates by how much of that
-    projection they carry when the curvature is diagonally dominant. It ignores off-diagonal
-    coupling when *choosing* (the solve on ``S`` uses it); strongly coupled parameters outside
-    ``S`` are missed — measure the distance to a retrain on a small model first.
+    **Why this and not L-CODEC's estimator.** L-CODEC (Mehta et al., CVPR 2022) finds a Markov
+    blanket of the parameters with FOCI: forward stepwise selection that adds, at each step, the
+    variable most dependent on the target *given those already selected*, measured by the CODEC
+    coefficient (Azadkia & Chatterjee) on samples from many randomly perturbed copies of the
+    network — hundreds of forward passes and a nearest-neighbour ranking per selected variable.
+    Here the same forward-selection structure is kept, with the conditional dependence replaced
+    by the exact second-order quantity the Newton step cares about (the residual saliency above,
+    i.e. orthogonal matching pursuit in the ``H``-metric). It is deterministic, needs no
+    perturbation samples, and costs only what the block solve needs anyway: the ``k`` columns of
+    ``H`` (in ``rounds`` batched passes), a curvature diagonal and ``rounds`` dense solves of size
+    ``≤ k``. Ranking once by the unconditioned ``g_j² / d_j`` (``rounds=1``) ignores the coupling
+    between parameters: on multinomial logistic regression over digits it lands at 0.63 of the
+    original distance to the retrain with 10% of the parameters, against 0.40 for 8 rounds and
+    0.39 for an oracle ranking by the full Newton step (``benchmarks/unlearning_select.py``).
 
     Args:
-        mass: fraction of the total saliency ``Σ_j s_j`` the block must carry, in ``(0, 1]``.
-        fraction: select exactly this fraction of the ``P`` parameters instead (``(0, 1]``).
+        mass: stop once the block explains this fraction of the initial saliency, in ``(0, 1]``.
+        fraction: select exactly ``⌈fraction · P⌉`` parameters instead (``(0, 1]``).
         max_fraction: never more than this fraction of ``P``.
         max_parameters: never more than this many (the dense block is ``k × k``).
+        rounds: forward-selection rounds (each one batched pass of curvature products).
         diagonal: ``"exact"`` (``P`` products), ``"hutchinson"`` (``probes`` products,
-            Rademacher, ``E[v ⊙ C v] = diag C``), or ``"auto"`` (exact when ``P <= 128``).
+            Rademacher, ``E[v ⊙ H v] = diag H``), or ``"auto"`` (exact when ``P <= 128``).
         probes: Hutchinson probes.
         seed: Hutchinson seed.
     """
@@ -122,18 +131,20 @@ class SelectParameters:
     fraction: float | None = None
     max_fraction: float = 0.5
     max_parameters: int = 2048
+    rounds: int = 8
     diagonal: Literal["auto", "exact", "hutchinson"] = "auto"
     probes: int = 64
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("mass", "max_fraction") + (("fraction",) if self.fraction is not None else ()):
+        names = ("mass", "max_fraction") + (("fraction",) if self.fraction is not None else ())
+        for name in names:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and 0 < value <= 1):
                 raise ConfigurationError(
                     f"SelectParameters.{name} must be in (0, 1], got {value!r}"
                 )
-        for name in ("max_parameters", "probes"):
+        for name in ("max_parameters", "probes", "rounds"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigurationError(
@@ -166,35 +177,62 @@ class SelectParameters:
             total += (v * operator.matmat(v)).sum(1)
         return total / self.probes
 
-    def choose(self, gradient: Tensor, diagonal: Tensor) -> Tensor:
-        """Indices (ascending) of the selected block, from ``s_j = g_j² / |d_j|``."""
-        p = gradient.numel()
-        floor = torch.finfo(diagonal.dtype).tiny
-        saliency = gradient.pow(2) / diagonal.abs().clamp_min(floor)
-        order = torch.argsort(saliency, descending=True)
+    def max_selected(self, p: int) -> int:
+        """``k_max`` for ``P = p`` parameters."""
         if self.fraction is not None:
-            k = math.ceil(self.fraction * p)
+            cap = math.ceil(self.fraction * p)
         else:
-            cumulative = saliency[order].cumsum(0)
-            target = self.mass * float(cumulative[-1])
-            k = int((cumulative < target).sum()) + 1
-        k = max(1, min(k, math.floor(self.max_fraction * p) or 1, self.max_parameters, p))
-        return order[:k].sort().values
+            cap = math.floor(self.max_fraction * p) or 1
+        return max(1, min(cap, self.max_parameters, p))
+
+    def select_and_solve(
+        self, operator: CurvatureOperator, gradient: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """Greedy forward selection (see the class docstring) and the block's Newton step.
+
+        Returns:
+            ``(indices [k], step [P])``: the selected parameters (ascending) and
+            ``H_SS⁻¹ g_S`` scattered into a zero vector.
+        """
+        p = operator.dim
+        g = gradient.to(dtype=operator.dtype, device=operator.device)
+        diag = self.curvature_diagonal(operator).abs().clamp_min(torch.finfo(g.dtype).tiny)
+        cap = self.max_selected(p)
+        per_round = max(1, math.ceil(cap / self.rounds))
+        total = float((g * g / diag).sum())
+        chosen = torch.zeros(p, dtype=torch.bool, device=g.device)
+        indices = torch.zeros(0, dtype=torch.long, device=g.device)
+        columns = torch.zeros(p, 0, dtype=g.dtype, device=g.device)
+        residual, delta = g, torch.zeros(0, dtype=g.dtype, device=g.device)
+        while indices.numel() < cap:
+            saliency = residual * residual / diag
+            saliency[chosen] = -1.0
+            left = float(saliency.clamp_min(0).sum())
+            if self.fraction is None and left <= (1.0 - self.mass) * total:
+                break
+            take = min(per_round, cap - indices.numel())
+            new = torch.argsort(saliency, descending=True)[:take]
+            chosen[new] = True
+            indices = torch.cat([indices, new])
+            columns = torch.cat([columns, _columns(operator, new)], dim=1)
+            block = columns[indices]
+            inverse = Exact().prepare(MatrixOperator(0.5 * (block + block.T)))
+            delta = inverse.solve(g[indices])
+            residual = g - columns @ delta
+        step = torch.zeros(p, dtype=g.dtype, device=g.device)
+        step[indices] = delta
+        return indices.sort().values, step
 
 
-def _restricted_step(operator: CurvatureOperator, gradient: Tensor, indices: Tensor) -> Tensor:
-    """``E (Eᵀ A E)⁻¹ Eᵀ g`` for the columns ``E`` of the identity at ``indices``; ``[P]``."""
-    p, k = operator.dim, indices.numel()
-    block = torch.empty(k, k, dtype=operator.dtype, device=operator.device)
-    for start in range(0, k, 64):
+def _columns(operator: CurvatureOperator, indices: Tensor) -> Tensor:
+    """``H e_j`` for ``j`` in ``indices``: ``[P, len(indices)]`` in batches of 64 columns."""
+    p, out = operator.dim, []
+    for start in range(0, indices.numel(), 64):
         cols = indices[start : start + 64]
         e = torch.zeros(p, cols.numel(), dtype=operator.dtype, device=operator.device)
-        e[cols, torch.arange(cols.numel())] = 1.0
-        block[:, start : start + cols.numel()] = operator.matmat(e)[indices]
-    inverse = Exact().prepare(MatrixOperator(0.5 * (block + block.T)))
-    step = torch.zeros(p, dtype=gradient.dtype, device=gradient.device)
-    step[indices] = inverse.solve(gradient[indices].to(operator.dtype)).to(gradient.dtype)
-    return step
+        e[cols, torch.arange(cols.numel(), device=e.device)] = 1.0
+        out.append(operator.matmat(e))
+    return torch.cat(out, dim=1)
 
 
 def unlearn(
@@ -259,12 +297,14 @@ def unlearn(
         θ_S ← θ_S + s · (C_SS + (l2 + damping) I)⁻¹ g_S,    every other parameter unchanged,
 
     (``s`` = ``1/n`` or ``1/(n−r)`` and ``C`` as above; ``g = Σ_{z∈R} ∇l̃``), a small dense solve
-    of size ``k = |S|``. ``S`` is chosen by the saliency ``g_j² / (C_jj + λ)`` (a cheaper proxy for
-    L-CODEC's Markov-blanket selection; see :class:`SelectParameters` for the rule and why). The
-    step is the ``H``-orthogonal projection of the full Newton step onto ``S``. Needs
-    ``hessian=Exact()`` (the block is solved densely). Cost: the curvature diagonal (``P``
-    products when ``P <= 128``, else ``probes`` products in one batched pass) plus ``k`` products
-    for the block and ``O(k³)``, instead of ``P`` products and ``O(P³)`` for the full exact step.
+    of size ``k = |S|``. ``S`` is chosen by greedy forward selection on the conditional saliency
+    ``r_j² / (C_jj + λ)`` of the residual removal gradient (a cheaper stand-in for L-CODEC's
+    Markov-blanket selection; see :class:`SelectParameters` for the rule and why). The step is
+    the ``H``-orthogonal projection of the full Newton step onto ``S``. Needs ``hessian=Exact()``
+    (the block is solved densely). Cost: the curvature diagonal (``P`` products when
+    ``P <= 128``, else ``probes`` products in one batched pass) plus ``k`` products for the
+    block's columns (in ``rounds`` passes) and ``O(rounds · k³)``, instead of ``P`` products and
+    ``O(P³)`` for the full exact step.
 
     Args:
         model, task, checkpoint: the network, its loss and the trained parameters ``θ``.
@@ -384,9 +424,7 @@ def unlearn(
             damping=damping + l2,
             allowed=("hessian", "ggn", "fisher"),
         )
-        gradient = total.to(operator.dtype)
-        chosen = select.choose(gradient, select.curvature_diagonal(operator))
-        step = _restricted_step(operator, gradient, chosen)
+        _, step = select.select_and_solve(operator, total)
     elif isinstance(hessian, KFAC):
         if damping != 0:
             raise ConfigurationError(
