@@ -17,12 +17,23 @@ from traintrace.applications.local_ensembles import LocalEnsembles
 from traintrace.applications.spectrum import SpectrumResult, spectrum
 from traintrace.applications.unlearning import unlearn
 from traintrace.checkpoints import Checkpoint
-from traintrace.curvature import CG, EKFAC, KFAC, MFAC, Arnoldi, Exact, LiSSA
+from traintrace.curvature import (
+    CG,
+    EKFAC,
+    KFAC,
+    MFAC,
+    Arnoldi,
+    DampingSelection,
+    Exact,
+    LiSSA,
+    select_damping,
+)
 from traintrace.evaluation import MislabelDetection, mislabel_detection
 from traintrace.exceptions import (
     BatchFormatError,
     CheckpointMismatchError,
     ConfigurationError,
+    ConvergenceWarning,
     DataOrderError,
     FeatureMemoryError,
     NonFiniteGradientError,
@@ -72,6 +83,8 @@ __all__ = [
     "Classification",
     "ClusterResult",
     "ConfigurationError",
+    "ConvergenceWarning",
+    "DampingSelection",
     "DataOrderError",
     "EmbeddingKNN",
     "Estimator",
@@ -111,6 +124,7 @@ __all__ = [
     "mislabel_detection",
     "query_measurement",
     "query_predictions",
+    "select_damping",
     "spectrum",
     "unlearn",
 ]

@@ -63,10 +63,15 @@ class ConfigurationError(TraintraceError, ValueError):
     """An argument has a value outside what the function accepts."""
 
 
+class ConvergenceWarning(RuntimeWarning):
+    """An iterative solver stopped before reaching its tolerance; its result is approximate."""
+
+
 __all__ = [
     "BatchFormatError",
     "CheckpointMismatchError",
     "ConfigurationError",
+    "ConvergenceWarning",
     "DataOrderError",
     "FeatureMemoryError",
     "NonFiniteGradientError",
