@@ -461,3 +461,59 @@ def test_killing_the_driver_ends_its_pool_workers(tmp_path: Path):
         for pid in workers:
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+class SubmitOnlyExecutor(concurrent.futures.Executor):
+    """The shape of the README's Ray adapter: only ``submit``, arguments serialized, bare Futures.
+
+    Runs execute at submission (in this thread), like remote tasks that finished before the
+    driver looked at them.
+    """
+
+    def __init__(self) -> None:
+        self.submitted = 0
+
+    def submit(self, fn, /, *args, **kwargs):
+        import pickle
+
+        fn, args, kwargs = pickle.loads(pickle.dumps((fn, args, kwargs)))  # sent to a "worker"
+        self.submitted += 1
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        try:
+            fut.set_result(fn(*args, **kwargs))
+        except Exception as exc:
+            fut.set_exception(exc)
+        return fut
+
+
+class FailsOnSeed:
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+
+    def __call__(self, indices, seed):
+        if seed == self.seed:
+            raise RuntimeError("worker lost")
+        return query_loss(ridge_train(indices, seed))
+
+
+def test_submit_only_executor_and_runs_finished_beside_a_failure_are_cached(tmp_path: Path):
+    runs = [(np.arange(N_TRAIN), s) for s in range(6)]
+    ex = SubmitOnlyExecutor()
+    eng = Retrainer(measure_fn=FailsOnSeed(0), executor=ex, progress=False)
+    with pytest.raises(RetrainingError, match=r"seed=0.*worker lost"):
+        eng.run(runs)
+    # the failed run comes first, but the 5 that had also finished are kept for the resume
+    cached = Retrainer(
+        measure_fn=FailsOnSeed(0), executor=ex, progress=False, cache_dir=tmp_path, experiment="x"
+    )
+    with pytest.raises(RetrainingError, match="seed=0"):
+        cached.run(runs)
+    assert cached.cached(runs) == 5
+    resumed = Retrainer(
+        measure_fn=FailsOnSeed(-1), executor=ex, progress=False, cache_dir=tmp_path, experiment="x"
+    )
+    before = ex.submitted
+    out = resumed.run(runs)
+    assert ex.submitted - before == 1  # only the failed run again
+    expected = np.stack([query_loss(ridge_train(np.arange(N_TRAIN), s)) for s in range(6)])
+    np.testing.assert_allclose(out.numpy(), expected, rtol=1e-12)

@@ -679,7 +679,7 @@ class Retrainer:
                     break
             while in_flight:
                 done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
-                for fut in done:
+                for fut in sorted(done, key=in_flight.__getitem__):  # in run order
                     pos = in_flight.pop(fut)
                     idx, seed = runs[pos]
                     idx, seed, key = _as_indices(idx), int(seed), keys[pos]
