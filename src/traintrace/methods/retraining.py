@@ -289,7 +289,7 @@ class Retrainer:
             :class:`~concurrent.futures.ProcessPoolExecutor` with the *spawn* start method,
             created per :meth:`run` call; ``train_fn`` and ``measure`` are sent once per worker
             and must be picklable (module-level functions, or callable objects of module-level
-            classes). ``None``: sequentially in this process (debugging, tests, lambdas). Or
+            classes). Its workers watch the driver and exit within a second when it is killed. ``None``: sequentially in this process (debugging, tests, lambdas). Or
             any :class:`concurrent.futures.Executor` you own (it is not shut down), e.g. Dask or
             Ray — see below.
         max_workers: processes of the default pool (default ``min(4, cpu_count)``).
@@ -319,13 +319,19 @@ class Retrainer:
         class RayExecutor(concurrent.futures.Executor):
             def __init__(self, **options):   # e.g. num_gpus=1 per run
                 self.options = options
-            def submit(self, fn, /, *args):
+            def submit(self, fn, /, *args, **kwargs):
                 remote = ray.remote(**self.options)(fn) if self.options else ray.remote(fn)
-                return remote.remote(*args).future()
+                return remote.remote(*args, **kwargs).future()
         engine = tt.Retrainer(train_fn, measure, executor=RayExecutor(num_gpus=1))
 
+    Only ``submit`` and the returned futures (``result``, ``cancel``, ``wait``) are used. Dask
+    tasks are submitted with ``pure=False``, so a call that resumes after a failure retrains
+    instead of being handed the scheduler's remembered failed task. A run whose Dask worker
+    dies is rescheduled by Dask (up to its ``allowed-failures``).
+
     The cache is written by this (the driver) process, so ``cache_dir`` is a local path even
-    when runs execute elsewhere.
+    when runs execute elsewhere. When a run fails, the runs that finished beside it are cached
+    before the error is raised, and calling :meth:`run` again retrains only the missing ones.
 
     Cost: one call of ``train_fn`` + ``measure`` per distinct run not yet cached; memory
     ``n_runs × n_query`` for the result plus ``max_in_flight`` index arrays.
