@@ -31,12 +31,19 @@ takes it out of the batch before the model sees it::
                                      path="runs/hydra", layers="last")
     callback = TraintraceCallback("runs/ckpts", every_epochs=1, recorder=recorder)
 
-The batch is captured by a forward pre-hook on the model while it is in training mode, and
-replayed to the recorder before ``optimizer.step()``. With gradient accumulation every
-micro-batch is recorded with ``B_t`` = the examples of the whole step. HYDRA's formula is exact
-for plain SGD on the mean loss (``optim="sgd"``, ``max_grad_norm=0``, no weight decay); with
-AdamW (the Trainer's default), momentum or gradient clipping it is an approximation and the
-recorder warns once. Recording runs in one process only (``world_size`` 1).
+The batch is captured by forward hooks on the model while it is in training mode and replayed
+to the recorder before ``optimizer.step()`` (one ``record`` call per micro-batch, so with
+gradient accumulation ``recorder.steps_recorded`` counts micro-batches). Each example's weight
+is read off the loss the Trainer actually differentiates: the model's returned loss must equal
+``Σ_i task.loss_i / D`` with ``D`` the micro-batch size (models whose loss is a plain mean) or
+the ``num_items_in_batch`` the Trainer passed (causal LMs: tokens of the whole step), and the
+Trainer's own division by the number of micro-batches is applied when it makes one; a task
+whose loss the model does not average that way is refused (``ConfigurationError``). HYDRA's
+formula is then exact for plain SGD (``optim="sgd"``, ``max_grad_norm=0``, no weight decay);
+with AdamW (the Trainer's default), momentum or gradient clipping it is an approximation and
+the recorder warns once. Recording runs in one process only (``world_size`` 1); a Trainer with
+``compute_loss_func`` or ``label_smoothing_factor`` computes the loss outside the model and is
+refused.
 
 ``transformers`` (and ``accelerate``, which its Trainer needs) are the optional extra
 ``traintrace[hf]``; importing this module without them raises an ``ImportError`` saying so.
@@ -44,8 +51,10 @@ recorder warns once. Recording runs in one process only (``world_size`` 1).
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -151,8 +160,9 @@ class TraintraceCallback(TrainerCallback):
         self.learning_rates: list[float] = []
         self._saved_steps: set[int] = set()
         self._step_lrs: list[float] | None = None  # the lrs of the last optimizer step
-        self._captured: list[tuple[dict[str, Any], Tensor]] = []
-        self._hook: Any = None
+        self._pending: tuple[dict[str, Any], Tensor, int | None] | None = None
+        self._captured: list[_MicroBatch] = []
+        self._hooks: list[Any] = []
         self._replaying = False
         self._model: nn.Module | None = None
 
@@ -195,7 +205,10 @@ class TraintraceCallback(TrainerCallback):
                 "TrajectoryRecorder(model, ...) on the model you pass to the Trainer"
             )
         self._model = model
-        self._hook = model.register_forward_pre_hook(self._capture, with_kwargs=True)
+        self._hooks = [
+            model.register_forward_pre_hook(self._capture, with_kwargs=True),
+            model.register_forward_hook(self._measure_scale, with_kwargs=True),
+        ]
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         optimizer = kwargs.get("optimizer")
@@ -209,12 +222,14 @@ class TraintraceCallback(TrainerCallback):
                 "must be called as model(**batch) in training mode (a custom compute_loss that "
                 "calls a submodule instead is not supported)"
             )
-        total = sum(len(idx) for _, idx in captured)
         lr = _unwrap_optimizer(optimizer)
         self._replaying = True
         try:
-            for batch, idx in captured:
-                self.recorder.record(batch, idx, lr, batch_size=total)
+            for micro in captured:
+                # the Trainer divides a loss by the number of micro-batches unless it passed
+                # num_items_in_batch to the model (then the model's loss is already scaled)
+                denom = micro.denominator * (1 if micro.trainer_scaled else len(captured))
+                self.recorder.record(micro.batch, micro.indices, lr, batch_size=denom)
         finally:
             self._replaying = False
 
@@ -236,10 +251,11 @@ class TraintraceCallback(TrainerCallback):
             if self.recorder is not None:
                 self.recorder.flush()
         finally:
-            if self._hook is not None:
-                self._hook.remove()
-                self._hook = None
+            for hook in self._hooks:
+                hook.remove()
+            self._hooks = []
             self._captured.clear()
+            self._pending = None
 
     # -- internals --------------------------------------------------------------------------------
     def _capture(
@@ -264,8 +280,55 @@ class TraintraceCallback(TrainerCallback):
                     f"called with {len(args)} positional arguments"
                 )
             batch = {k: v for k, v in kwargs.items() if k not in _TRAINER_KEYS}
-            self._captured.append((batch, torch.as_tensor(indices).reshape(-1)))
+            items = kwargs.get("num_items_in_batch")
+            items = None if items is None else int(items)
+            self._pending = (batch, torch.as_tensor(indices).reshape(-1), items)
         return args, kwargs
+
+    def _measure_scale(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
+    ) -> None:
+        """Forward hook: how the model's loss weighs each example's ``task.loss``.
+
+        HYDRA's step weight is ``η_t / B_t`` for a loss that is the mean of ``task.loss`` over
+        the step's ``B_t`` examples. What the Trainer differentiates is the model's own loss,
+        which is the mean over the micro-batch for some models and ``Σ / num_items_in_batch``
+        (tokens or labels of the whole step) for others, so the weight is read off the actual
+        loss: ``loss = Σ_i task.loss_i / D`` must hold for ``D`` one of those two counts.
+        """
+        if self._replaying or self._pending is None or not module.training:
+            return
+        batch, indices, items = self._pending
+        self._pending = None
+        task = self.recorder.task  # type: ignore[union-attr]
+        loss = getattr(output, "loss", None)
+        if loss is None and isinstance(output, dict):
+            loss = output.get("loss")
+        if not isinstance(loss, Tensor) or loss.numel() != 1:
+            raise ConfigurationError(
+                "TraintraceCallback(recorder=...) reads the training loss the model returns, but "
+                f"{type(module).__name__} returned none (labels under {task.label_key!r} missing, "
+                "or a Trainer with compute_loss_func / label_smoothing_factor computes it "
+                "outside the model); record with TrajectoryRecorder in your own training loop"
+            )
+        with torch.no_grad():
+            per_example = task.loss(_prediction(output, module), batch).detach().double()
+        size = len(per_example)
+        total = float(per_example.sum())
+        value = float(loss.detach().double())
+        candidates = [size] + ([items] if items is not None and items != size else [])
+        for d in candidates:
+            if math.isclose(total / d, value, rel_tol=1e-4, abs_tol=1e-7):
+                self._captured.append(_MicroBatch(batch, indices, d, items is not None))
+                return
+        raise ConfigurationError(
+            f"the model's training loss ({value:.6g}) is neither the mean of {type(task).__name__}.loss over "
+            f"the batch ({total / size:.6g}) nor its sum over num_items_in_batch"
+            + (f" ({total / items:.6g})" if items else "")
+            + ", so HYDRA's step weights η/B would not describe this training. Use the task "
+            "whose per-example loss the model averages (tt.LanguageModeling sums token losses; "
+            "tt.Classification is cross-entropy; tt.Regression is the mean squared error)."
+        )
 
     def _save(self, state: Any, model: nn.Module | None) -> None:
         step = int(state.global_step)
@@ -298,6 +361,29 @@ class TraintraceCallback(TrainerCallback):
         self._saved_steps.add(step)
         self.saved.append(path)
         self.learning_rates.append(lrs[0])
+
+
+def _prediction(output: Any, module: nn.Module) -> Tensor:
+    """The prediction tensor of a Hugging Face model output (``.logits``), as Task.forward reads it."""
+    logits = getattr(output, "logits", None)
+    if logits is None and isinstance(output, dict):
+        logits = output.get("logits")
+    if not isinstance(logits, Tensor):
+        raise ConfigurationError(
+            f"TraintraceCallback(recorder=...) needs the model's logits, but "
+            f"{type(module).__name__} returned {type(output).__name__} without .logits"
+        )
+    return logits
+
+
+@dataclass
+class _MicroBatch:
+    """One captured training forward: the batch, its indices, and the loss's denominator."""
+
+    batch: dict[str, Any]
+    indices: Tensor
+    denominator: int  # the model's loss is Σ task.loss / denominator
+    trainer_scaled: bool  # num_items_in_batch was passed: the Trainer does not divide again
 
 
 def _shares_parameters(a: nn.Module, b: nn.Module) -> bool:
