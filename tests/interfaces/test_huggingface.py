@@ -302,7 +302,7 @@ def test_callback_argument_errors(tmp_path: Path):
         TraintraceCallback(tmp_path, recorder="runs/hydra")  # type: ignore[arg-type]
 
 
-# -- a causal language model: the Trainer's loss is Σ token losses / tokens of the step ------------
+# -- a causal language model: the Trainer's loss is Σ token losses / tokens of the step --------
 
 
 class Texts(Dataset):
@@ -380,8 +380,8 @@ def test_language_model_trajectory_is_weighted_by_the_tokens_of_each_step(tmp_pa
         model=model, args=args, train_dataset=data, data_collator=collator, callbacks=[callback]
     ).train()
 
-    # replay: θ_{t+1} = θ_t − η Σ_{i∈B_t} ∇ token_sum_loss_i / D_t with D_t the label count the
-    # Trainer passes as num_items_in_batch: the predicted tokens, or (transformers 5.x for GPT-2)
+    # replay: θ_{t+1} = θ_t − η Σ_{i∈B_t} ∇ token_sum_loss_i / D_t, D_t the label count the
+    # Trainer passes as num_items_in_batch: the predicted tokens, or (transformers 5.x, GPT-2)
     # every label that is not −100, position 0 included; the replay that reproduces the
     # Trainer's parameters is the reference
     batches = collator.collated[:6]

@@ -322,8 +322,9 @@ class TraintraceCallback(TrainerCallback):
                 self._captured.append(_MicroBatch(batch, indices, d, items is not None))
                 return
         raise ConfigurationError(
-            f"the model's training loss ({value:.6g}) is neither the mean of {type(task).__name__}.loss over "
-            f"the batch ({total / size:.6g}) nor its sum over num_items_in_batch"
+            f"the model's training loss ({value:.6g}) is neither the mean of "
+            f"{type(task).__name__}.loss over the batch ({total / size:.6g}) nor its sum over "
+            "num_items_in_batch"
             + (f" ({total / items:.6g})" if items else "")
             + ", so HYDRA's step weights η/B would not describe this training. Use the task "
             "whose per-example loss the model averages (tt.LanguageModeling sums token losses; "
@@ -364,7 +365,7 @@ class TraintraceCallback(TrainerCallback):
 
 
 def _prediction(output: Any, module: nn.Module) -> Tensor:
-    """The prediction tensor of a Hugging Face model output (``.logits``), as Task.forward reads it."""
+    """The prediction tensor of a Hugging Face output (``.logits``), as Task.forward reads it."""
     logits = getattr(output, "logits", None)
     if logits is None and isinstance(output, dict):
         logits = output.get("logits")

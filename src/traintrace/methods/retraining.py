@@ -289,8 +289,9 @@ class Retrainer:
             :class:`~concurrent.futures.ProcessPoolExecutor` with the *spawn* start method,
             created per :meth:`run` call; ``train_fn`` and ``measure`` are sent once per worker
             and must be picklable (module-level functions, or callable objects of module-level
-            classes). Its workers watch the driver and exit within a second when it is killed. ``None``: sequentially in this process (debugging, tests, lambdas). Or
-            any :class:`concurrent.futures.Executor` you own (it is not shut down), e.g. Dask or
+            classes). Its workers watch the driver and exit within a second when it is
+            killed. ``None``: sequentially in this process (debugging, tests, lambdas). Or any
+            :class:`concurrent.futures.Executor` you own (it is not shut down), e.g. Dask or
             Ray — see below.
         max_workers: processes of the default pool (default ``min(4, cpu_count)``).
         threads_per_worker: ``torch.set_num_threads`` in each worker of the default pool
