@@ -299,6 +299,7 @@ def test_resume_after_sigkill_is_byte_identical(tmp_path: Path, writer) -> None:
     start, stop = store.chunks()[half_chunk[1]]
     partial = store.read(half_chunk[0], start, stop)
     assert partial[:2].abs().sum() > 0 and partial[2:].abs().sum() == 0  # really half-written
+    store.close()  # releases the writer lock pending() took (the lock file goes with it)
 
     redone: list[tuple[int, int]] = []
     resumed = module["run"](tmp_path / "killed", log=redone)
