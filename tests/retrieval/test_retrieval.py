@@ -218,7 +218,7 @@ def test_faiss_states_size_and_recall_and_verifies_it(tmp_path: Path) -> None:
     features, queries = [f[:4000] for f in both], [f[4000:] for f in both]
     weights = [0.3, 0.7]
     exact = exact_top_k(features, queries, weights, 10)
-    with pytest.warns(ApproximateSearchWarning, match=r"'ivf' index of 4,000 × 64 values.*GiB"):
+    with pytest.warns(ApproximateSearchWarning, match=r"'ivf' index of 4,000 × 64 values \(1\.0 MiB in RAM\)"):
         got = top_k(features, queries, weights, 10, method="faiss", verify_recall=8, seed=3)
     assert isinstance(got, ApproximateTopK) and "expected recall@10" in got.index
     sample = got.recall_queries
@@ -233,8 +233,10 @@ def test_faiss_states_size_and_recall_and_verifies_it(tmp_path: Path) -> None:
     # a starved IVF index on structureless data: recall measured low, and said so
     noise = [torch.randn(4000, 32, generator=torch.Generator().manual_seed(c)) for c in range(2)]
     poor = FaissIndex.build(noise, weights, kind="ivf", nlist=100, nprobe=1)
-    with pytest.warns(ApproximateSearchWarning, match="below min_recall=0.9"):
+    with pytest.warns(ApproximateSearchWarning) as caught:
         low = top_k(noise, queries, weights, 10, index=poor, verify_recall=20)
+    assert "nprobe=1 of nlist=100" in str(caught[0].message)
+    assert "below min_recall=0.9" in str(caught[-1].message)
     assert low.recall is not None and low.recall["proponents"] < 0.9
     truth = exact_top_k(noise, queries, weights, 10)
     assert low.recall["proponents"] == recall(low.proponents.indices, truth.proponents.indices)

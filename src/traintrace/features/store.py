@@ -1205,6 +1205,8 @@ class FeatureStore:
             for file in self._done_dir().glob(pattern):
                 with contextlib.suppress(FileNotFoundError):
                     file.unlink()
+        # temporary all.json files of finalizes killed mid-write (their process is gone)
+        _clean_stale(self._done_dir(), (f".{_ALL}.",))
         self._unlock()
         return True
 

@@ -401,7 +401,8 @@ def _describe(index: FaissIndex, k: int) -> str:
     """Size and expected recall of ``index`` in words."""
     dim = index.checkpoints * index.width
     size = 4 * index.n * dim + (8 * index.n * index.params.get("hnsw_m", 0))
-    what = f"a FAISS {index.kind!r} index of {index.n:,} × {dim:,} values ({size / 2**30:.2f} GiB)"
+    shown = f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
+    what = f"a FAISS {index.kind!r} index of {index.n:,} × {dim:,} values ({shown} in RAM)"
     if index.kind == "flat":
         return f"{what}: exact (a brute-force scan, recall 1)"
     if index.kind == "ivf":
