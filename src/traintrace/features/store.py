@@ -303,10 +303,13 @@ def _pread_into(fd: int, buffer: memoryview, offset: int, path: Path) -> None:
 
 def _header_length(path: Path) -> int:
     """Byte offset of the data in a ``.npy`` file (the length of its header)."""
-    array = np.load(path, mmap_mode="r")
-    offset = int(array.offset)
-    del array
-    return offset
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            np.lib.format.read_array_header_1_0(f)
+        else:
+            np.lib.format.read_array_header_2_0(f)
+        return f.tell()
 
 
 _HOST = hashlib.blake2b(socket.gethostname().encode(), digest_size=4).hexdigest()
@@ -355,6 +358,18 @@ def _clean_stale(parent: Path, prefixes: tuple[str, ...]) -> list[Path]:
     return removed
 
 
+def _drop_torn_tail(fd: int) -> None:
+    """Cut an unterminated last line (a record torn by a kill) so appends start a fresh line.
+
+    Only the rank's own writer appends to its file (it holds the rank's lock), so this cannot
+    cut another writer's record.
+    """
+    size = os.fstat(fd).st_size
+    if size and os.pread(fd, 1, size - 1) != b"\n":
+        text = os.pread(fd, size, 0)
+        os.ftruncate(fd, text.rfind(b"\n") + 1)
+
+
 def _disk_full(err: OSError, path: Path, what: str) -> DiskFullError:
     return DiskFullError(
         err.errno,
@@ -376,18 +391,23 @@ def free_disk_bytes(path: str | os.PathLike[str]) -> int:
 
 
 # ---------------------------------------------------------------------------- writer locks
-_LOCKS: dict[tuple[int, str], list[int]] = {}  # (pid, lock path) -> [fd, holders]
+_LOCKS: dict[tuple[int, str], tuple[int, set[str]]] = {}  # (pid, lock) -> (fd, holders)
 _LOCKS_GUARD = threading.Lock()
 
 
-def _acquire_lock(file: Path, store: Path, rank: int) -> None:
-    """Take (or share within this process) the exclusive writer lock ``file``."""
+def _holds_lock(file: Path, token: str) -> bool:
+    held = _LOCKS.get((os.getpid(), str(file)))
+    return held is not None and token in held[1]
+
+
+def _acquire_lock(file: Path, store: Path, rank: int, token: str) -> None:
+    """Take (or share within this process) the exclusive writer lock ``file`` for ``token``."""
     if fcntl is None:  # pragma: no cover - Windows: no lock
         return
     key = (os.getpid(), str(file))
     with _LOCKS_GUARD:
         if key in _LOCKS:
-            _LOCKS[key][1] += 1
+            _LOCKS[key][1].add(token)
             return
         while True:
             fd = os.open(file, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
@@ -416,10 +436,11 @@ def _acquire_lock(file: Path, store: Path, rank: int) -> None:
             os.close(fd)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
-        _LOCKS[key] = [fd, 1]
+        _LOCKS[key] = (fd, {token})
 
 
-def _release_lock(file: Path) -> None:
+def _release_lock(file: Path, token: str | None) -> None:
+    """Drop ``token``'s hold (every hold of this process when ``None``); unlock after the last."""
     if fcntl is None:  # pragma: no cover - Windows
         return
     key = (os.getpid(), str(file))
@@ -427,8 +448,11 @@ def _release_lock(file: Path) -> None:
         held = _LOCKS.get(key)
         if held is None:
             return
-        held[1] -= 1
-        if held[1] > 0:
+        if token is None:
+            held[1].clear()
+        else:
+            held[1].discard(token)
+        if held[1]:
             return
         del _LOCKS[key]
         with contextlib.suppress(OSError):
@@ -544,7 +568,7 @@ class FeatureStore:
         self._records: dict[tuple[int, int], dict[str, Any]] = {}
         self._verified: dict[tuple[str, int], tuple[tuple[int, ...], set[tuple[int, int]]]] = {}
         self._written: dict[tuple[int, int], list[tuple[int, int]]] = {}
-        self._locked = False
+        self._token = uuid.uuid4().hex  # this object's hold on the writer lock
         self._dir_fd = dir_fd
         self._dir_id: tuple[int, int] | None = None
         self._pinless = dir_fd is None  # no directory to pin (Windows): no identity checks
@@ -1059,15 +1083,13 @@ class FeatureStore:
             )
 
     def _lock(self) -> None:
-        if not self._locked:
+        if not _holds_lock(self._lock_file(), self._token):
             self._check_same_store()
-            _acquire_lock(self._lock_file(), self.path, self.rank)
-            self._locked = True
+            _acquire_lock(self._lock_file(), self.path, self.rank, self._token)
 
-    def _unlock(self) -> None:
-        if self._locked:
-            self._locked = False
-            _release_lock(self._lock_file())
+    def _unlock(self, everyone: bool = False) -> None:
+        """Release this object's hold on the writer lock (``everyone``: this process's)."""
+        _release_lock(self._lock_file(), None if everyone else self._token)
 
     def _checksums(self, checkpoint: int, chunk: int) -> dict[str, Any]:
         """Checksums of chunk ``chunk`` as stored on disk (read back through the write fds)."""
@@ -1136,11 +1158,12 @@ class FeatureStore:
             record = {"c": checkpoint, "i": chunk, **self._checksums(checkpoint, chunk)}
             record["data"] = data_hash
             line = (json.dumps(record, sort_keys=True) + "\n").encode("utf-8")
-            fd = os.open(
-                self._own_file(), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644
+            fd = self._open_in_store(
+                f"{_DONE}/{self._own_file().name}", os.O_RDWR | os.O_APPEND | os.O_CREAT
             )
             try:
                 self._check_same_store()  # the file opened is this store's, not a newer one's
+                _drop_torn_tail(fd)
                 os.write(fd, line)
                 if self.durable:
                     os.fsync(fd)
@@ -1207,7 +1230,7 @@ class FeatureStore:
                     file.unlink()
         # temporary all.json files of finalizes killed mid-write (their process is gone)
         _clean_stale(self._done_dir(), (f".{_ALL}.",))
-        self._unlock()
+        self._unlock(everyone=True)  # complete: no FeatureStore of this process writes again
         return True
 
     # ------------------------------------------------------------------ rows
@@ -1234,7 +1257,7 @@ class FeatureStore:
                 flags = (os.O_RDWR if write else os.O_RDONLY) | getattr(os, "O_BINARY", 0)
                 self._check_same_store()
                 try:
-                    fd = os.open(self._file(kind, checkpoint), flags)
+                    fd = self._open_in_store(self._file(kind, checkpoint).name, flags)
                 except FileNotFoundError:
                     self._check_same_store()
                     raise StoreCorruptError(
@@ -1247,6 +1270,13 @@ class FeatureStore:
                     raise
                 self._fds[key] = fd
             return self._fds[key]
+
+    def _open_in_store(self, relative: str, flags: int) -> int:
+        """``os.open`` of a file of *this* store directory (the pinned one, even if renamed)."""
+        flags |= getattr(os, "O_CLOEXEC", 0)
+        if self._dir_fd is not None and os.open in os.supports_dir_fd:
+            return os.open(relative, flags, 0o644, dir_fd=self._dir_fd)
+        return os.open(self.path / relative, flags, 0o644)  # pragma: no cover - Windows
 
     def _range(self, start: int, stop: int | None) -> tuple[int, int]:
         stop = self.n if stop is None else stop
@@ -1299,17 +1329,14 @@ class FeatureStore:
             )
         array = stored.numpy()
         # float64 accumulation without a float64 copy of the rows
-        norms = (
-            torch.linalg.vector_norm(stored, dim=1, dtype=torch.float64)
-            .numpy()
-            .astype(self._read_np)
-        )
-        if not np.isfinite(norms).all():
+        norms64 = torch.linalg.vector_norm(stored, dim=1, dtype=torch.float64).numpy()
+        if float(norms64.max()) > float(np.finfo(self._read_np).max):
             raise NonFiniteGradientError(
                 f"rows [{start}, {stop}) of checkpoint {checkpoint}: a norm overflows "
                 f"{self._read_np} (values up to {float(rows.abs().max()):.3g}); use "
                 "dtype='float64' or scale the features"
             )
+        norms = norms64.astype(self._read_np)
         self._lock()
         self._check_same_store()
         try:
@@ -1531,7 +1558,7 @@ class FeatureStore:
             _fd_lock=None,
             _written={},
             _verified={},
-            _locked=False,
+            _token=uuid.uuid4().hex,
             _dir_fd=None,
             _dir_id=None,
             _pinless=False,
