@@ -59,6 +59,18 @@ class StoreCorruptError(TraintraceError, OSError):
     """A feature store's files are missing, truncated or unreadable."""
 
 
+class StoreRewrittenError(StoreMismatchError):
+    """A feature store was deleted or rewritten (``overwrite_store=True``) since it was opened."""
+
+
+class StoreBusyError(TraintraceError, RuntimeError):
+    """Another process is writing the same feature store (it holds the store's writer lock)."""
+
+
+class DiskFullError(TraintraceError, OSError):
+    """No space left on the device while writing; finished work is kept, rerun to resume."""
+
+
 class ConfigurationError(TraintraceError, ValueError):
     """An argument has a value outside what the function accepts."""
 
@@ -73,14 +85,17 @@ __all__ = [
     "ConfigurationError",
     "ConvergenceWarning",
     "DataOrderError",
+    "DiskFullError",
     "FeatureMemoryError",
     "NonFiniteGradientError",
     "NotFittedError",
     "NotPositiveDefiniteError",
     "RetrainingError",
     "SolverDivergedError",
+    "StoreBusyError",
     "StoreCorruptError",
     "StoreIncompleteError",
     "StoreMismatchError",
+    "StoreRewrittenError",
     "TraintraceError",
 ]
