@@ -59,7 +59,7 @@ def test_files_bare_and_wrapped_and_lr_from_optimizer(tmp_path):
         tt.Checkpoint(tmp_path / "junk.pt", lr=1.0).load_state()
     with pytest.raises(tt.ConfigurationError, match="does not exist"):
         tt.Checkpoint(tmp_path / "missing.pt", lr=1.0)
-    with pytest.raises(tt.ConfigurationError, match="positive"):
+    with pytest.raises(tt.LearningRateError, match="finite number > 0"):
         tt.Checkpoint(model.state_dict(), lr=-1.0)
 
 
