@@ -115,8 +115,7 @@ def as_loader(data: Any, batch_size: int, collate_fn: Collate | None = None) -> 
         if data.collate_fn is default_collate:
             return DataLoader(
                 data.dataset,
-                batch_size=data.batch_size,
-                shuffle=False,
+                batch_sampler=data.batch_sampler,  # checked above: sequential, no drop_last
                 collate_fn=collate,
                 num_workers=data.num_workers,
                 pin_memory=data.pin_memory,
@@ -297,7 +296,7 @@ def _is_structured(x: Any) -> bool:
 
 def _stack(items: list[Any], path: str) -> Any:
     first = items[0]
-    where = path or "the examples"
+    where = f"field {path}" if path else "the examples"
     if isinstance(first, Tensor):
         if not all(isinstance(t, Tensor) for t in items):
             raise BatchFormatError(
