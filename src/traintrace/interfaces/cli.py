@@ -65,7 +65,10 @@ def _log(message: str) -> None:
 def _run_step(step: str) -> Callable[[RunConfig], int]:
     def run(cfg: RunConfig) -> int:
         from traintrace.interfaces.run import Run
+        from traintrace.retrieval.topk import import_pandas
 
+        if step != "fit":
+            import_pandas()  # before any work: the CSV files need pandas
         r = Run(cfg, log=_log)
         if step == "fit":
             est = r.fit()

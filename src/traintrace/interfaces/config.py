@@ -164,6 +164,11 @@ class RunConfig:
     damping: float | None = _f(
         None, help="influence: damping λ >= 0 added to the curvature", metavar="λ"
     )
+    curvature: Literal["hessian", "ggn", "fisher"] = _f(
+        "hessian",
+        help="influence: the curvature inverted by exact/cg/lissa/arnoldi (K-FAC, EK-FAC and "
+        "M-FAC use their own Fisher)",
+    )
     seed: int = _f(0, help="seed of the random projection (>= 0)")
     batch_size: int = _f(64, help="examples per batch when computing gradients")
     # -- outputs ---------------------------------------------------------------------------------

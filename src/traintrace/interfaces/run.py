@@ -234,6 +234,7 @@ class Run:
                     self.checkpoints[0],
                     hessian=hessian,
                     damping=cfg.damping,
+                    curvature=cfg.curvature,
                     **common,
                 )
             projection = (
