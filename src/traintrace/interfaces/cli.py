@@ -121,7 +121,7 @@ SUBCOMMANDS: list[Subcommand] = [
 
 def _demo(args: argparse.Namespace) -> int:
     check_seed(args.seed)
-    check_output_dir(args.output)
+    output = check_output_dir(args.output or ("demo-text-output" if args.text else "demo-output"))
     if args.text:
         from traintrace.interfaces.text_demo import TextDemoConfig, run_text_demo
 
@@ -130,7 +130,7 @@ def _demo(args: argparse.Namespace) -> int:
             kw["checkpoints"] = args.checkpoints
         result = run_text_demo(
             TextDemoConfig(
-                output=Path(args.output or "demo-text-output"),
+                output=output,
                 seed=args.seed,
                 progress=not args.quiet,
                 **kw,
@@ -141,7 +141,7 @@ def _demo(args: argparse.Namespace) -> int:
     from traintrace.interfaces.demo import DemoConfig, run_demo
 
     cfg = DemoConfig(
-        output=Path(args.output or "demo-output"),
+        output=output,
         seed=args.seed,
         epochs=60 if args.epochs is None else args.epochs,
         checkpoints=5 if args.checkpoints is None else args.checkpoints,

@@ -58,8 +58,9 @@ table.metrics th { background: #f4f4f4; }
 table.metrics td:first-child, table.metrics th:first-child { text-align: left; }
 .note { color: #555; font-size: .92rem; }
 .query { border: 1px solid #ddd; border-radius: 6px; padding: .6rem; margin: 1rem 0; }
-.row { display: flex; align-items: flex-start; gap: .4rem; margin: .3rem 0; flex-wrap: wrap; }
-.row-label { width: 9rem; font-size: .85rem; font-weight: 600; padding-top: 1.2rem; }
+.row { display: flex; align-items: flex-start; gap: .4rem; margin: .3rem 0; }
+.row-label { flex: 0 0 9rem; font-size: .85rem; font-weight: 600; padding-top: 1.2rem; }
+.cards { display: flex; flex-wrap: wrap; gap: .4rem; flex: 1; }
 .card { width: 5.6rem; text-align: center; font-size: .75rem; border-radius: 4px;
         padding: .15rem; }
 .card img { width: 4.8rem; height: 4.8rem; image-rendering: pixelated;
@@ -67,7 +68,7 @@ table.metrics td:first-child, table.metrics th:first-child { text-align: left; }
 .card.flag { background: #ffe0e0; }
 .card.big img { width: 7rem; height: 7rem; }
 .pos { color: #0a6d2c; } .neg { color: #b00020; }
-.card.wide { width: 15rem; text-align: left; border: 1px solid #e4e4e4; }
+.card.wide { width: 11.5rem; text-align: left; border: 1px solid #e4e4e4; }
 .card .text { font-size: .82rem; white-space: pre-wrap; overflow-wrap: anywhere;
               margin-bottom: .2rem; }
 .card table.row-values { font-size: .72rem; font-family: ui-monospace, monospace;
@@ -141,9 +142,9 @@ class HTMLReport:
     def gallery(self, rows: Sequence[tuple[str, Sequence[Card]]], title: str = "") -> None:
         """Labelled rows of cards, boxed together (e.g. a query with its proponents)."""
         inner = "".join(
-            f'<div class="row"><div class="row-label">{escape(label)}</div>'
+            f'<div class="row"><div class="row-label">{escape(label)}</div><div class="cards">'
             + "".join(c.html() for c in cards)
-            + "</div>"
+            + "</div></div>"
             for label, cards in rows
         )
         heading = f"<h3>{html.escape(title)}</h3>" if title else ""
@@ -481,8 +482,8 @@ def report(
     rep.paragraph(
         f"{method + '. ' if method else ''}{n_train} training examples. Sign convention: a "
         "positive score means the training example helps the query (a gradient step on it "
-        "lowers the query's loss); proponents have the largest scores, opponents the most "
-        "negative."
+        "lowers the query's loss, or raises its margin); proponents have the largest scores, "
+        "opponents the most negative."
         + (" Training examples known to be mislabeled are shaded red." if flip is not None else "")
     )
     if explains:
