@@ -42,6 +42,12 @@ def flipped():
     return mask
 
 
+def margin_task():
+    import traintrace as tt
+
+    return tt.Classification("margin")
+
+
 def decode(example):
     x, y = example
     return f"{HOSTILE} x0={float(x[0]):.2f}"

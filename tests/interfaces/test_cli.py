@@ -203,3 +203,16 @@ def test_checkpoint_order_is_numeric(tmp_path, monkeypatch):
         torch.save({"w": torch.zeros(1)}, tmp_path / f"ep{e}.pt")
     run = Run(RunConfig(model="a:b", train="a:c", checkpoints="ep*.pt", lr=(0.1,)))
     assert [c.name for c in run.checkpoints] == ["ep1.pt", "ep2.pt", "ep10.pt"]
+
+
+def test_custom_task_and_a_changed_setting_on_an_existing_store(user_project, monkeypatch, capsys):
+    folder, _ = user_project
+    monkeypatch.chdir(folder)
+    flags = [*FLAGS, "--k", "2", "--quiet"]
+    assert main(["top-k", *flags, "--output", "run-a", "--measurement", "margin"]) == 0
+    assert main(["top-k", *flags, "--output", "run-b", "--task", "userproj:margin_task"]) == 0
+    a, b = (pd.read_csv(folder / d / "top_k.csv") for d in ("run-a", "run-b"))
+    pd.testing.assert_frame_equal(a, b)
+    # the store in run-a holds exact gradients: a projection is refused, with the CLI's way out
+    assert main(["top-k", *flags, "--output", "run-a", "--projection", "8"]) == 2
+    assert "--overwrite-store" in capsys.readouterr().err

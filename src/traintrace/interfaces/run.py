@@ -263,7 +263,13 @@ class Run:
                 f"{type(est).__name__} on {len(self.checkpoints)} checkpoint(s), store "
                 f"{self.config.output / 'store'}"
             )
-            self._cache["fitted"] = est.fit(self.train)
+            try:
+                self._cache["fitted"] = est.fit(self.train)
+            except tt.StoreMismatchError as exc:
+                raise tt.StoreMismatchError(
+                    f"{exc}\nFor this run: add --overwrite-store (overwrite_store = true in the "
+                    "config file) to recompute the store, or pass another --output folder."
+                ) from exc
         return self._cache["fitted"]
 
     def score(self) -> Tensor:
