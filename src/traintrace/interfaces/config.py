@@ -38,6 +38,7 @@ __all__ = [
     "add_config_arguments",
     "check_output_dir",
     "check_seed",
+    "check_types",
     "config_from_args",
     "load_config",
     "read_toml",
@@ -202,7 +203,7 @@ class RunConfig:
     )
 
     def __post_init__(self) -> None:
-        _check_types(self)
+        check_types(self)
         check_spec(self.model, "model")
         check_spec(self.train, "train")
         for name in ("queries", "flipped"):
@@ -301,7 +302,12 @@ def _coerce(name: str, tp: Any, value: Any) -> Any:
     return value
 
 
-def _check_types(obj: Any) -> None:
+def check_types(obj: Any) -> None:
+    """Check (and normalize) every field of the dataclass ``obj`` against its annotation.
+
+    Call it first in ``__post_init__`` of a config dataclass: values from a TOML file are then
+    checked like flags (a string where an int belongs is a :class:`ConfigurationError`).
+    """
     for name, tp in _hints(type(obj)).items():
         object.__setattr__(obj, name, _coerce(name, tp, getattr(obj, name)))
 
