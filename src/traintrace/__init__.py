@@ -59,6 +59,9 @@ from traintrace.exceptions import (
 )
 from traintrace.features.projections import ProjectedGradients, Projection
 from traintrace.features.store import FeatureStore
+from traintrace.interfaces.config import RunConfig
+from traintrace.interfaces.report import report
+from traintrace.interfaces.results import save_scores, save_self_influence
 from traintrace.methods import (
     AME,
     HYDRA,
@@ -126,6 +129,7 @@ __all__ = [
     "RepresenterPoints",
     "Retrainer",
     "RetrainingError",
+    "RunConfig",
     "SolverDivergedError",
     "SpectrumResult",
     "StoreBusyError",
@@ -146,6 +150,9 @@ __all__ = [
     "mislabel_detection",
     "query_measurement",
     "query_predictions",
+    "report",
+    "save_scores",
+    "save_self_influence",
     "select_damping",
     "spectrum",
     "unlearn",
