@@ -223,7 +223,7 @@ class TracIn(Estimator):
                 {"name": c.name, "lr": c.learning_rate, "fingerprint": c.fingerprint(self.model)}
                 for c in self.checkpoints
             ],
-            "data": {"n": n, "fingerprint": dataset_fingerprint(loader.dataset)},
+            "data": {"n": n, "fingerprint": dataset_fingerprint(loader)},
         }
 
     def _feature_width(self) -> int:
