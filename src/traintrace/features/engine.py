@@ -97,7 +97,13 @@ def _valid(tokens: Tensor, dtype: torch.dtype) -> Tensor:
 def _cross_gram(x: Tensor, y: Tensor) -> Tensor:
     """``[B, m, T, T_q]`` dot products of the positions of ``x`` (``B`` rows) and ``y`` (``m``)."""
     if not _is_tokens(x) and not _is_tokens(y):
-        return torch.einsum("bdt,mds->bmts", x, y)
+        b, d, t = x.shape
+        m, _, s = y.shape
+        if t == 1 and s == 1:  # one GEMM, no permuted copies
+            return (x[:, :, 0] @ y[:, :, 0].T).view(b, m, 1, 1)
+        xt = x.transpose(1, 2).reshape(b * t, d)
+        ys = y.permute(1, 0, 2).reshape(d, m * s)
+        return (xt @ ys).view(b, t, m, s).transpose(1, 2)
     if _is_tokens(x) and _is_tokens(y):
         eq = x[:, None, :, None] == y[None, :, None, :]
         return (eq & (x >= 0)[:, None, :, None]).to(torch.get_default_dtype())
@@ -111,7 +117,9 @@ def _cross_gram(x: Tensor, y: Tensor) -> Tensor:
 def _self_gram(x: Tensor, y: Tensor) -> Tensor:
     """``[B, T_x, T_y]`` dot products between the positions of ``x`` and ``y`` per example."""
     if not _is_tokens(x) and not _is_tokens(y):
-        return torch.einsum("bdt,bds->bts", x, y)
+        if x.shape[2] == 1 and y.shape[2] == 1:
+            return (x[:, :, 0] * y[:, :, 0]).sum(1).view(-1, 1, 1)
+        return torch.bmm(x.transpose(1, 2), y)
     if _is_tokens(x) and _is_tokens(y):
         eq = x[:, :, None] == y[:, None, :]
         return (eq & (x >= 0)[:, :, None]).to(torch.get_default_dtype())

@@ -1057,7 +1057,11 @@ class ProjectedGradients:
         """``vec(P_out G P_inᵀ)`` ``[n, k_out·k_in]`` from exact gradients of the group's params."""
         m = canonical_matrix(group, named, self._shapes)
         p_rows, p_cols = self._factors(group, m.dtype, m.device)
-        return (p_rows @ m @ p_cols.T).reshape(m.shape[0], -1)
+        if group.k_rows != group.rows:  # a side kept at full size is the identity: skip it
+            m = p_rows @ m
+        if group.k_cols != group.cols:
+            m = m @ p_cols.T
+        return m.reshape(m.shape[0], -1)
 
     def _fill_dense(self, out: Tensor, named: Mapping[str, Tensor]) -> None:
         if not self._dense_names:
