@@ -164,7 +164,6 @@ class TraintraceCallback(TrainerCallback):
         self._captured: list[_MicroBatch] = []
         self._hooks: list[Any] = []
         self._replaying = False
-        self._model: nn.Module | None = None
 
     def __repr__(self) -> str:
         return (
@@ -205,7 +204,6 @@ class TraintraceCallback(TrainerCallback):
                 "TrajectoryRecorder(model, ...) on the model you pass to the Trainer"
             )
         self._detach()  # hooks left by an earlier train() that raised
-        self._model = model
         self._hooks = [
             model.register_forward_pre_hook(self._guarded(self._capture), with_kwargs=True),
             model.register_forward_hook(self._guarded(self._measure_scale), with_kwargs=True),
