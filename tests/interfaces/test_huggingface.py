@@ -243,6 +243,7 @@ def test_hydra_trajectory_recorded_through_the_trainer_equals_the_replayed_sum(
     assert [p.name for p in callback.saved] == [f"step-{s:08d}.pt" for s in saved_steps]
     # one record() per micro-batch, all flushed to disk
     assert recorder.steps_on_disk == recorder.steps_recorded == STEPS * accumulation
+    assert not model._forward_pre_hooks and not model._forward_hooks  # removed after training
     # the reference trajectory: the SGD rule that reproduces the Trainer's parameters (with
     # gradient accumulation, transformers sums micro-batch means for models such as BERT whose
     # loss ignores num_items_in_batch)
@@ -287,6 +288,7 @@ def test_recording_needs_the_index_key_kept_by_the_trainer(tmp_path: Path):
     with pytest.raises(tt.ConfigurationError, match=r"no 'index' key.*'attention_mask'"):
         train(model, tmp_path, callback, no_index)
     assert recorder.steps_recorded == 0
+    assert not model._forward_pre_hooks and not model._forward_hooks  # the failure cleaned up
 
     other = tt.TrajectoryRecorder(tiny_bert(), tt.Classification(), n_train=N)
     with pytest.raises(tt.ConfigurationError, match="another model"):

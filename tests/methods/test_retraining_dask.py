@@ -212,7 +212,6 @@ def test_resume_after_a_killed_worker_recomputes_only_unfinished_runs(
     assert len(list(cache.glob("*.npz"))) == 4  # the finished runs, not the failed one
 
     local.scheduler.allowed_failures = 3
-    client.wait_for_workers(2, timeout=60)
     resumed = engine(client.get_executor(), counted, cache_dir=cache, experiment="ridge")
     out = resumed.run(runs)
     torch.testing.assert_close(out, engine(None).run(runs), rtol=0, atol=0)

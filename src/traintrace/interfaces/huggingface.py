@@ -164,7 +164,6 @@ class TraintraceCallback(TrainerCallback):
         self._captured: list[_MicroBatch] = []
         self._hooks: list[Any] = []
         self._replaying = False
-        self._model: nn.Module | None = None
 
     def __repr__(self) -> str:
         return (
@@ -204,10 +203,10 @@ class TraintraceCallback(TrainerCallback):
                 f"than the one being trained ({type(model).__name__}); build "
                 "TrajectoryRecorder(model, ...) on the model you pass to the Trainer"
             )
-        self._model = model
+        self._detach()  # hooks left by an earlier train() that raised
         self._hooks = [
-            model.register_forward_pre_hook(self._capture, with_kwargs=True),
-            model.register_forward_hook(self._measure_scale, with_kwargs=True),
+            model.register_forward_pre_hook(self._guarded(self._capture), with_kwargs=True),
+            model.register_forward_hook(self._guarded(self._measure_scale), with_kwargs=True),
         ]
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -217,6 +216,7 @@ class TraintraceCallback(TrainerCallback):
             return
         captured, self._captured = self._captured, []
         if not captured:
+            self._detach()
             raise ConfigurationError(
                 "TraintraceCallback saw no training batch before this optimizer step; the model "
                 "must be called as model(**batch) in training mode (a custom compute_loss that "
@@ -251,13 +251,29 @@ class TraintraceCallback(TrainerCallback):
             if self.recorder is not None:
                 self.recorder.flush()
         finally:
-            for hook in self._hooks:
-                hook.remove()
-            self._hooks = []
-            self._captured.clear()
-            self._pending = None
+            self._detach()
 
     # -- internals --------------------------------------------------------------------------------
+    def _detach(self) -> None:
+        """Remove this callback's hooks from the model and forget captured batches."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        self._captured.clear()
+        self._pending = None
+
+    def _guarded(self, hook: Any) -> Any:
+        """``hook`` that removes the callback's hooks before an error leaves ``train()``."""
+
+        def run(*args: Any) -> Any:
+            try:
+                return hook(*args)
+            except BaseException:
+                self._detach()
+                raise
+
+        return run
+
     def _capture(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
@@ -312,7 +328,9 @@ class TraintraceCallback(TrainerCallback):
                 "outside the model); record with TrajectoryRecorder in your own training loop"
             )
         with torch.no_grad():
-            per_example = task.loss(_prediction(output, module), batch).detach().double()
+            # in float64: under mixed precision the model's loss is an upcast one too
+            logits = _prediction(output, module).detach().double()
+            per_example = task.loss(logits, batch).double()
         size = len(per_example)
         total = float(per_example.sum())
         value = float(loss.detach().double())
