@@ -280,6 +280,11 @@ class Task:
                 + _forward_hint(model, args, kwargs)
                 + " Override Task.forward if your model needs something else."
             ) from exc
+        return self.prediction(out)
+
+    def prediction(self, out: Any) -> Tensor:
+        """The prediction tensor of a model's raw output (``output=`` selects it; a Hugging Face
+        ``ModelOutput``'s ``.logits``; a bare tuple without ``output=`` is refused)."""
         return _unwrap_outputs(out, self.output, type(self).__name__)
 
     # -- checks outside vmap -----------------------------------------------------------------

@@ -179,6 +179,8 @@ def test_hf_conv1d_and_gpt2_sequences():
         rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(v.sum(), params)]))
     ref = torch.stack(rows)
     assert any(v == "hooks:Conv1D" for v in engine.coverage.values())
+    # layers="last" reaches the tied lm_head through its first name
+    assert ExactGradients(model, task, "last").names == ["transformer.wte.weight"]
     torch.testing.assert_close(
         engine.flatten(cap), ref, atol=1e-10 * float(ref.abs().max()), rtol=0
     )

@@ -87,8 +87,16 @@ def select_parameters(model: nn.Module, layers: Layers = None) -> list[str]:
             layers = [last_layer_name(model)] if layers == "last" else [layers]
         chosen = []
         modules = dict(model.named_modules())
+        # a tied parameter is listed once by named_parameters(); a module or name that reaches it
+        # under another name (GPT-2's lm_head -> transformer.wte.weight) selects that first name
+        canonical = {id(p): n for n, p in model.named_parameters()}
+        every = dict(model.named_parameters(remove_duplicate=False))
         for layer in layers:
             hits = [n for n in trainable if n == layer or n.startswith(layer + ".") or layer == ""]
+            if not hits and layer in modules:
+                hits = [canonical[id(p)] for p in modules[layer].parameters() if p.requires_grad]
+            if not hits and layer in every and every[layer].requires_grad:
+                hits = [canonical[id(every[layer])]]
             if not hits:
                 avail = [
                     m

@@ -329,7 +329,7 @@ class TraintraceCallback(TrainerCallback):
             )
         with torch.no_grad():
             # in float64: under mixed precision the model's loss is an upcast one too
-            logits = _prediction(output, module).detach().double()
+            logits = task.prediction(output).detach().double()
             per_example = task.loss(logits, batch).double()
         size = len(per_example)
         total = float(per_example.sum())
@@ -380,19 +380,6 @@ class TraintraceCallback(TrainerCallback):
         self._saved_steps.add(step)
         self.saved.append(path)
         self.learning_rates.append(lrs[0])
-
-
-def _prediction(output: Any, module: nn.Module) -> Tensor:
-    """The prediction tensor of a Hugging Face output (``.logits``), as Task.forward reads it."""
-    logits = getattr(output, "logits", None)
-    if logits is None and isinstance(output, dict):
-        logits = output.get("logits")
-    if not isinstance(logits, Tensor):
-        raise ConfigurationError(
-            f"TraintraceCallback(recorder=...) needs the model's logits, but "
-            f"{type(module).__name__} returned {type(output).__name__} without .logits"
-        )
-    return logits
 
 
 @dataclass
