@@ -9,6 +9,8 @@ and the bytes written to disk. Score matrices are compared with traintrace's (Sp
 
     python benchmarks/engine_speed.py                       # traintrace methods, n = 2048
     python benchmarks/engine_speed.py --n 8192 --peer-python /path/to/venv/bin/python
+    python benchmarks/engine_speed.py --workload cnn --n 4096    # small CNN, 1×28×28 inputs
+    python benchmarks/engine_speed.py --workload gpt2 --n 2048   # GPT-2-style LM, 32 tokens
 
 ``--peer-python`` names an interpreter with ``captum`` and ``kronfluence`` installed (their own
 environment: ``python -m venv peers && peers/bin/pip install torch==2.13.0 captum kronfluence``);
@@ -38,22 +40,87 @@ LR = 0.01
 N_QUERY = 100
 
 
+WORKLOAD = os.environ.get("BENCH_WORKLOAD", "mlp")
+SEQ, VOCAB = 32, 512
+
+
 def make_model() -> nn.Module:
     torch.manual_seed(0)
+    if WORKLOAD == "cnn":
+        return nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(32 * 7 * 7, 128),
+            nn.ReLU(),
+            nn.Linear(128, 10),
+        )
+    if WORKLOAD == "gpt2":
+        import transformers
+
+        cfg = transformers.GPT2Config(
+            vocab_size=VOCAB,
+            n_positions=SEQ,
+            n_embd=128,
+            n_layer=2,
+            n_head=4,
+            attn_pdrop=0.0,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+        )
+        return transformers.GPT2LMHeadModel(cfg)
     return nn.Sequential(
         nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10)
     )
+
+
+def make_task():
+    import traintrace as tt
+
+    return tt.LanguageModeling() if WORKLOAD == "gpt2" else tt.Classification()
+
+
+class TokenData(torch.utils.data.Dataset):
+    def __init__(self, ids: torch.Tensor) -> None:
+        self.ids = ids
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def _inputs(n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    if WORKLOAD == "cnn":
+        return torch.randn(n, 1, 28, 28, generator=g), torch.randint(0, 10, (n,), generator=g)
+    if WORKLOAD == "gpt2":
+        ids = torch.randint(0, VOCAB, (n, SEQ), generator=g)
+        return ids, ids
+    return torch.randn(n, 784, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+
+def _loss(m: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    if WORKLOAD == "gpt2":
+        return m(input_ids=x, labels=x).loss
+    return F.cross_entropy(m(x), y)
 
 
 class Workload:
     def __init__(self, n: int, folder: str) -> None:
         g = torch.Generator().manual_seed(0)
         self.n = n
-        self.X, self.Y = torch.randn(n, 784, generator=g), torch.randint(0, 10, (n,), generator=g)
-        gq = torch.Generator().manual_seed(1)
-        self.Xq = torch.randn(N_QUERY, 784, generator=gq)
-        self.Yq = torch.randint(0, 10, (N_QUERY,), generator=gq)
-        self.train, self.queries = TensorDataset(self.X, self.Y), TensorDataset(self.Xq, self.Yq)
+        self.X, self.Y = _inputs(n, g)
+        self.Xq, self.Yq = _inputs(N_QUERY, torch.Generator().manual_seed(1))
+        if WORKLOAD == "gpt2":
+            self.train, self.queries = TokenData(self.X), TokenData(self.Xq)
+        else:
+            self.train = TensorDataset(self.X, self.Y)
+            self.queries = TensorDataset(self.Xq, self.Yq)
         m = make_model()
         opt = torch.optim.SGD(m.parameters(), lr=LR)
         self.epoch(m, opt)
@@ -68,7 +135,7 @@ class Workload:
     def epoch(self, m: nn.Module, opt: torch.optim.Optimizer) -> None:
         for i in range(0, self.n, 256):
             opt.zero_grad()
-            F.cross_entropy(m(self.X[i : i + 256]), self.Y[i : i + 256]).backward()
+            _loss(m, self.X[i : i + 256], self.Y[i : i + 256]).backward()
             opt.step()
 
     def time_epochs(self, reps: int = 3) -> tuple[float, float]:
@@ -123,7 +190,7 @@ def tt_tracin(wl: Workload, scratch: str) -> tuple[torch.Tensor, int]:
     import traintrace as tt
 
     cks = [tt.Checkpoint(p, lr=LR) for p in wl.paths]
-    est = tt.TracIn(make_model(), tt.Classification(), cks, batch_size=256, progress=False)
+    est = tt.TracIn(make_model(), make_task(), cks, batch_size=256, progress=False)
     return est.fit(wl.train).score(wl.queries), 2
 
 
@@ -132,7 +199,7 @@ def tt_ekfac(wl: Workload, scratch: str) -> tuple[torch.Tensor, int]:
 
     est = tt.InfluenceFunction(
         make_model(),
-        tt.Classification(),
+        make_task(),
         tt.Checkpoint(wl.paths[1]),
         hessian=tt.EKFAC(sampled_labels=False),
         damping=1e-3,
@@ -150,14 +217,19 @@ def tt_arnoldi_coordinates(wl: Workload, scratch: str) -> tuple[torch.Tensor, in
     from traintrace.methods.streaming import train_sq_norms  # noqa: F401 (same pass shape)
 
     model = make_model()
-    engine = ExactGradients(model, tt.Classification())
+    engine = ExactGradients(model, make_task())
     state = tt.Checkpoint(wl.paths[1]).state_for(model)
     g = torch.Generator().manual_seed(0)
     u = torch.linalg.qr(torch.randn(engine.layout.numel, 64, generator=g))[0]
     dirs = engine.directions_from_flat(u.T.contiguous())
     out = []
     for i in range(0, wl.n, 256):
-        cap = engine.capture(state, (wl.X[i : i + 256], wl.Y[i : i + 256]))
+        batch = (
+            {"input_ids": wl.X[i : i + 256], "labels": wl.X[i : i + 256]}
+            if WORKLOAD == "gpt2"
+            else (wl.X[i : i + 256], wl.Y[i : i + 256])
+        )
+        cap = engine.capture(state, batch)
         out.append(engine.dot(cap, dirs))
     return torch.cat(out, dim=1), 1
 
@@ -275,6 +347,7 @@ def run_one(method: str, n: int, save: str) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--n", type=int, default=2048)
+    p.add_argument("--workload", choices=["mlp", "cnn", "gpt2"], default="mlp")
     p.add_argument("--methods", nargs="+", default=None)
     p.add_argument("--peer-python", default=None)
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)
@@ -284,14 +357,18 @@ def main() -> None:
         run_one(a.one, a.n, a.save)
         return
     methods = a.methods or [m for m in METHODS if m.startswith("traintrace")]
-    if a.peer_python and not a.methods:
+    if a.peer_python and not a.methods and a.workload == "mlp":
         methods += list(PEERS)
     rows, scores = {}, {}
     with tempfile.TemporaryDirectory(prefix="engine-bench-scores-") as keep:
         for method in methods:
             python = a.peer_python if method in PEERS else sys.executable
             save = os.path.join(keep, f"{method}.pt")
-            env = dict(os.environ, PYTHONPATH=os.path.join(os.path.dirname(__file__), "..", "src"))
+            env = dict(
+                os.environ,
+                PYTHONPATH=os.path.join(os.path.dirname(__file__), "..", "src"),
+                BENCH_WORKLOAD=a.workload,
+            )
             res = subprocess.run(
                 [python, __file__, "--one", method, "--n", str(a.n), "--save", save],
                 capture_output=True,
@@ -306,7 +383,8 @@ def main() -> None:
             scores[method] = torch.load(save)
     from scipy.stats import spearmanr
 
-    print(f"\nn = {a.n}, {N_QUERY} queries, 1.86M-parameter MLP; cost per checkpoint / one epoch")
+    what = {"mlp": "1.86M-parameter MLP", "cnn": "small CNN", "gpt2": f"GPT-2 style, {SEQ} tokens"}
+    print(f"\nn = {a.n}, {N_QUERY} queries, {what[a.workload]}; cost per checkpoint / one epoch")
     print(
         f"{'method':36s} {'wall':>7s} {'cpu':>7s} {'seconds':>8s} {'RssAnon MiB':>12s} "
         f"{'disk MB':>8s} {'Spearman vs traintrace':>22s}"
