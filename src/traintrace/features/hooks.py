@@ -327,3 +327,13 @@ class Capture:
     formed: dict[str, Tensor]
     flat: Tensor | None
     values: Tensor
+
+    def slice(self, start: int, stop: int) -> Capture:
+        """The examples ``[start, stop)`` of the batch (views, no copy)."""
+        return Capture(
+            min(stop, self.size) - start,
+            {k: [(r[start:stop], c[start:stop]) for r, c in v] for k, v in self.terms.items()},
+            {k: v[start:stop] for k, v in self.formed.items()},
+            None if self.flat is None else self.flat[start:stop],
+            self.values[start:stop],
+        )

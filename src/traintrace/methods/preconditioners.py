@@ -79,7 +79,7 @@ class InverseCurvature:
     """``P = scale · (C + λI)⁻¹`` through any inverse operator with ``solve(v [m, P])``.
 
     The query gradients of a block are formed once (``m × P``), solved, and contracted densely
-    per layer. A low-rank inverse (Arnoldi, ``U diag(1/λ) Uᵀ``) computes self-influence from the
+    per layer. Self-influence forms the training gradients ``~2^26 / P`` examples at a time. A low-rank inverse (Arnoldi, ``U diag(1/λ) Uᵀ``) computes self-influence from the
     ``r`` coordinates ``Uᵀ g`` through the engine (``r`` contractions per example, no per-example
     gradient); other inverses form each training batch's gradients and solve.
     """
@@ -109,8 +109,13 @@ class InverseCurvature:
             coords = engine.dot(cap, self._basis)  # [r, B]
             lam = self.inverse.eigenvalues.to(coords)
             return (coords.square() / lam[:, None]).sum(0) * self.scale
-        g = engine.flatten(cap)
-        return (self.inverse.solve(g).to(g.dtype) * g).sum(1) * self.scale
+        # form the training gradients a few at a time: at most ~2^26 numbers (256 MB) at once
+        step = max(1, 2**26 // max(1, engine.layout.numel))
+        parts = []
+        for start in range(0, cap.size, step):
+            g = engine.flatten(cap.slice(start, start + step))
+            parts.append((self.inverse.solve(g).to(g.dtype) * g).sum(1))
+        return torch.cat(parts) * self.scale
 
     def apply_features(self, q: Tensor) -> Tensor:
         raise ConfigurationError("an inverse curvature acts on exact gradients, not projections")
