@@ -14,6 +14,7 @@ import runpy
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -29,10 +30,15 @@ from traintrace.exceptions import (
     StoreCorruptError,
     StoreIncompleteError,
     StoreMismatchError,
+    StoreRewrittenError,
     TraintraceError,
 )
+from traintrace.features import store as store_module
 from traintrace.features.store import (
     FeatureStore,
+    TemporaryStoreDir,
+    free_disk_bytes,
+    temporary_store_dir,
 )
 
 SETTINGS = {
@@ -191,7 +197,7 @@ def test_settings_mismatch_lists_both_values(tmp_path: Path) -> None:
         'settings.model: stored "sha256:aaaa", requested "sha256:bbbb"',
         'settings.dataset.fingerprint: stored "d0", requested "d1"',
         "layout.width: stored 6, requested 8",
-        "overwrite=True",
+        "overwrite_store=True",
         "new path",
     ):
         assert expected in message
@@ -299,6 +305,7 @@ def test_resume_after_sigkill_is_byte_identical(tmp_path: Path, writer) -> None:
     start, stop = store.chunks()[half_chunk[1]]
     partial = store.read(half_chunk[0], start, stop)
     assert partial[:2].abs().sum() > 0 and partial[2:].abs().sum() == 0  # really half-written
+    store.close()  # releases the writer lock pending() took (the lock file goes with it)
 
     redone: list[tuple[int, int]] = []
     resumed = module["run"](tmp_path / "killed", log=redone)
@@ -339,3 +346,129 @@ def test_float64_store_reads_back_exactly(tmp_path):
         store.write_chunk(0, chunk, rows[start:stop])
     assert torch.equal(store.read(0), rows)
     torch.testing.assert_close(store.norms(0), rows.norm(dim=1), rtol=1e-15, atol=0)
+
+
+def test_data_hashes_are_recorded_with_the_chunks(tmp_path: Path) -> None:
+    store = new_store(tmp_path / "s")
+    rows = torch.randn(4, 6)
+    store.write_chunk(1, 2, rows, data_hash="sha256:feed")
+    store.write_chunk(1, 3, rows)
+    assert store.chunk_data_hash(1, 2) == "sha256:feed"
+    assert store.chunk_data_hash(1, 3) is None  # recorded without one
+    assert store.chunk_data_hash(0, 2) is None  # not done
+    other = new_store(tmp_path / "s")  # another opener sees them
+    assert other.chunk_data_hash(1, 2) == "sha256:feed"
+    fill(store)
+    assert store.finalize()
+    assert new_store(tmp_path / "s").chunk_data_hash(1, 2) == "sha256:feed"  # kept in all.json
+    with pytest.raises(ConfigurationError, match="chunk must be"):
+        store.chunk_data_hash(0, 10)
+    with pytest.raises(ConfigurationError, match="data_hash must be a str"):
+        store.write_chunk(0, 0, rows, data_hash=123)
+
+
+def test_reads_are_verified_once_while_the_file_is_unchanged(tmp_path: Path, monkeypatch) -> None:
+    store = new_store(tmp_path / "s", chunk_size=8)
+    data = fill(store)
+    calls = []
+    real = store._hash
+    store._hash = lambda b: calls.append(len(b)) or real(b)
+    assert torch.equal(store.read(0, 3, 5), data[0][3:5])  # inside one piece: all 8 rows hashed
+    assert calls == [8 * 6 * 4]
+    store.read(0, 3, 5)
+    assert len(calls) == 2  # the file changed within RACY_SECONDS: not remembered, hashed again
+    monkeypatch.setattr(store_module, "RACY_SECONDS", 0.0)
+    store.read(0)
+    assert len(calls) == 2 + 5
+    store.read(0)
+    store.norms(0)
+    assert len(calls) == 2 + 5 + 5  # features remembered; norms hashed once per chunk
+    store.norms(0)
+    assert len(calls) == 2 + 5 + 5
+    with open(tmp_path / "s" / "features-000.npy", "r+b") as f:  # any change: checked again
+        f.seek(-4, os.SEEK_END)
+        f.write(np.float32(data[0][-1, -1]).tobytes())  # the same value: still intact
+    assert torch.equal(store.read(0), data[0]) and len(calls) == 2 + 5 + 5 + 5
+    store.verify_reads = False
+    store.read(0)
+    assert len(calls) == 2 + 5 + 5 + 5
+
+
+def test_overwrite_bumps_the_generation_and_pickles_check_it(tmp_path: Path) -> None:
+    old = new_store(tmp_path / "s")
+    fill(old)
+    copy = pickle.loads(pickle.dumps(old))
+    assert old.generation == 0 and copy.read(0).shape == (40, 6)
+    copy = pickle.loads(pickle.dumps(old))
+    new = FeatureStore.open(tmp_path / "s", SETTINGS, **LAYOUT, overwrite=True)
+    assert new.generation == 1 and json_of(tmp_path / "s" / "meta.json")["generation"] == 1
+    for stale in (old, copy):
+        with pytest.raises(StoreRewrittenError, match=r"generation 0 → 1\).*Refit"):
+            stale.read(0)
+        with pytest.raises(StoreRewrittenError):
+            stale.norms(0, 0, 3)
+        with pytest.raises(StoreRewrittenError):
+            stale.pending(0)
+    assert isinstance(StoreRewrittenError("x"), StoreMismatchError)  # caught like a mismatch
+    assert FeatureStore.open(tmp_path / "s", SETTINGS, **LAYOUT, overwrite=True).generation == 2
+
+
+def json_of(path: Path) -> dict:
+    import json
+
+    return json.loads(path.read_text())
+
+
+def dead_pid() -> int:
+    """The pid of a process that has exited (reaped)."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_temporary_store_dirs_are_removed_on_collection_exit_and_next_start(tmp_path) -> None:
+    host = store_module._HOST
+    stale = tmp_path / f"traintrace-store-{dead_pid()}-{host}-abc"
+    live = tmp_path / f"traintrace-store-{os.getpid()}-{host}-def"
+    elsewhere = tmp_path / f"traintrace-store-{dead_pid()}-00000000-ghi"  # another machine's
+    for d in (stale, live, elsewhere):
+        (d / "store").mkdir(parents=True)
+    tmp = TemporaryStoreDir(dir=tmp_path)
+    assert not stale.exists() and live.exists() and elsewhere.exists()
+    assert tmp.path.name.startswith(f"traintrace-store-{os.getpid()}-{host}-")
+    fill(FeatureStore.open(os.path.join(tmp.name, "store"), SETTINGS, **LAYOUT))
+    path = tmp.path
+    del tmp  # garbage-collected: removed
+    assert not path.exists()
+    with TemporaryStoreDir(dir=tmp_path) as p:
+        assert p.is_dir()
+    assert not p.exists()
+    default = temporary_store_dir()
+    assert default.path.parent == Path(tempfile.gettempdir())
+    default.cleanup()
+    assert not default.path.exists()
+    # at normal interpreter exit too (a killed process's dir goes at the next start, above)
+    kept = TemporaryStoreDir(dir=tmp_path)
+    assert kept._finalizer.atexit and kept._finalizer.alive
+    kept.cleanup()
+
+
+def test_store_under_missing_folders_and_free_space(tmp_path: Path) -> None:
+    deep = tmp_path / "a" / "b" / "c" / "store"
+    assert free_disk_bytes(deep) == free_disk_bytes(tmp_path) > 0
+    store = FeatureStore.open(deep, SETTINGS, **LAYOUT)
+    assert deep.is_dir() and store.pending(0)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigurationError, match="a parent is a file"):
+        FeatureStore.open(tmp_path / "file" / "store", SETTINGS, **LAYOUT)
+
+
+def test_content_fingerprint_follows_the_rows(tmp_path: Path) -> None:
+    a, b = new_store(tmp_path / "a"), new_store(tmp_path / "b")
+    fill(a, seed=0)
+    fill(b, seed=0)
+    a.finalize()
+    assert a.content_fingerprint() == b.content_fingerprint()  # finalized or not
+    c = new_store(tmp_path / "c")
+    fill(c, seed=1)
+    assert c.content_fingerprint() != a.content_fingerprint()

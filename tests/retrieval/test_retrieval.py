@@ -12,11 +12,22 @@ from pathlib import Path
 import pytest
 import torch
 
-from traintrace.exceptions import ConfigurationError, StoreIncompleteError, StoreMismatchError
+from traintrace.exceptions import (
+    ConfigurationError,
+    NonFiniteGradientError,
+    StoreIncompleteError,
+    StoreMismatchError,
+)
+from traintrace.features import store as store_module
 from traintrace.features.store import FeatureStore
-from traintrace.retrieval import faiss_index
-from traintrace.retrieval.exact import exact_top_k, iter_scores, score
-from traintrace.retrieval.faiss_index import FaissIndex, top_k
+from traintrace.retrieval import exact as exact_module
+from traintrace.retrieval.exact import _block_rows, exact_top_k, iter_scores, score
+from traintrace.retrieval.faiss_index import (
+    ApproximateSearchWarning,
+    ApproximateTopK,
+    FaissIndex,
+    top_k,
+)
 from traintrace.retrieval.topk import TopK
 
 # faiss is an optional dependency (installed by the dev extra); the exact search needs none
@@ -158,7 +169,7 @@ def test_approximate_recall(tmp_path_factory, kind, normalize) -> None:
 
 
 @needs_faiss
-def test_save_load_and_chooser(tmp_path: Path, data, monkeypatch) -> None:
+def test_save_load_and_cached_index(tmp_path: Path, data) -> None:
     store, _features, queries = data
     index = FaissIndex.build(store, WEIGHTS, kind="flat")
     path = index.save(tmp_path / "flat.faiss")
@@ -173,20 +184,100 @@ def test_save_load_and_chooser(tmp_path: Path, data, monkeypatch) -> None:
         FaissIndex.load(path, other)
 
     exact = exact_top_k(store, queries, WEIGHTS, 4)
-    auto_small = top_k(store, queries, WEIGHTS, 4)  # small: exact, no index written
-    assert torch.equal(auto_small.proponents.indices, exact.proponents.indices)
-    assert not list(store.path.glob("index-*"))
-    monkeypatch.setattr(faiss_index, "EXACT_MAX_VALUES", 0)
-    big = top_k(store, queries, WEIGHTS, 4, kind="flat")  # "large": index built, saved
-    assert torch.equal(big.proponents.indices, exact.proponents.indices)
+    flat = top_k(store, queries, WEIGHTS, 4, method="faiss", kind="flat")  # index built, saved
+    assert isinstance(flat, ApproximateTopK) and "exact" in flat.index
+    assert torch.equal(flat.proponents.indices, exact.proponents.indices)
     saved = FaissIndex.default_path(store, "flat", False)
     stamp = saved.stat().st_mtime_ns
-    top_k(store, queries, WEIGHTS, 4, kind="flat")
+    top_k(store, queries, WEIGHTS, 4, method="faiss", kind="flat")
     assert saved.stat().st_mtime_ns == stamp  # reused, not rebuilt
-    negative = top_k(store, queries, [0.5, -2.0, 0.1], 4)  # auto falls back to exact
-    assert torch.equal(
-        negative.proponents.indices,
-        exact_top_k(store, queries, [0.5, -2.0, 0.1], 4).proponents.indices,
-    )
     with pytest.raises(ConfigurationError, match="normalize=False"):
         top_k(store, queries, WEIGHTS, 4, normalize=True, index=index)
+
+
+@needs_faiss
+@pytest.mark.parametrize("method", ["exact", "auto", None])
+def test_top_k_is_exact_unless_faiss_is_asked_for(tmp_path: Path, method, recwarn) -> None:
+    """ "auto" (an alias of "exact") and the default never build an index, whatever the size."""
+    both = clustered(1020, 8, 2)
+    store = make_store(tmp_path / "s", [f[:1000] for f in both])
+    queries = [f[1000:] for f in both]
+    weights = [0.3, 0.7]
+    expected = dense([f[:1000] for f in both], queries, weights)
+    got = top_k(store, queries, weights, 7, **({} if method is None else {"method": method}))
+    assert type(got) is TopK
+    assert_topk_equal(got, expected, 7)
+    assert not list(store.path.glob("index-*")) and len(recwarn) == 0
+    with pytest.raises(ConfigurationError, match="'exact' \\(the default\\)"):
+        top_k(store, queries, weights, 7, method="approximate")
+
+
+@needs_faiss
+def test_faiss_states_size_and_recall_and_verifies_it(tmp_path: Path) -> None:
+    both = clustered(4020, 32, 2)
+    features, queries = [f[:4000] for f in both], [f[4000:] for f in both]
+    weights = [0.3, 0.7]
+    exact = exact_top_k(features, queries, weights, 10)
+    with pytest.warns(ApproximateSearchWarning, match=r"'ivf' index of 4,000 × 64 values \(1\.0 MiB in RAM\)"):
+        got = top_k(features, queries, weights, 10, method="faiss", verify_recall=8, seed=3)
+    assert isinstance(got, ApproximateTopK) and "expected recall@10" in got.index
+    sample = got.recall_queries
+    assert sample is not None and len(sample) == 8 and len(set(sample.tolist())) == 8
+    assert got.recall is not None
+    assert got.recall["proponents"] == recall(
+        got.proponents.indices[sample], exact.proponents.indices[sample]
+    )
+    assert got.recall["opponents"] == recall(
+        got.opponents.indices[sample], exact.opponents.indices[sample]
+    )
+    # a starved IVF index on structureless data: recall measured low, and said so
+    noise = [torch.randn(4000, 32, generator=torch.Generator().manual_seed(c)) for c in range(2)]
+    poor = FaissIndex.build(noise, weights, kind="ivf", nlist=100, nprobe=1)
+    with pytest.warns(ApproximateSearchWarning) as caught:
+        low = top_k(noise, queries, weights, 10, index=poor, verify_recall=20)
+    assert "nprobe=1 of nlist=100" in str(caught[0].message)
+    assert "below min_recall=0.9" in str(caught[-1].message)
+    assert low.recall is not None and low.recall["proponents"] < 0.9
+    truth = exact_top_k(noise, queries, weights, 10)
+    assert low.recall["proponents"] == recall(low.proponents.indices, truth.proponents.indices)
+    for bad in (0, 2.5, True):
+        with pytest.raises(ConfigurationError, match="verify_recall"):
+            top_k(noise, queries, weights, 10, method="faiss", verify_recall=bad)
+
+
+def test_non_finite_queries_and_overflowing_scores_are_refused(data) -> None:
+    store, features, queries = data
+    nan = [q.clone() for q in queries]
+    nan[1][4, 2] = float("nan")
+    with pytest.raises(NonFiniteGradientError, match=r"checkpoint 1.*query 4"):
+        exact_top_k(store, nan, WEIGHTS, 3)
+    huge = [f * 1e20 for f in features]  # finite, but the inner products overflow float32
+    with pytest.raises(NonFiniteGradientError, match=r"overflow torch\.float32"):
+        exact_top_k(huge, [q * 1e20 for q in queries], WEIGHTS, 3)
+    with pytest.raises(ConfigurationError, match="finite"):
+        exact_top_k(store, queries, [0.5, float("inf"), 0.1], 3)
+    # float64 holds them
+    got = exact_top_k(
+        [f.double() * 1e20 for f in features], [q.double() * 1e20 for q in queries], WEIGHTS, 3
+    )
+    assert torch.isfinite(got.proponents.scores).all()
+
+
+def test_default_blocks_are_whole_checksummed_pieces(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(store_module, "DEFAULT_PIECE_BYTES", 24 * 16 * 4)  # 24-row pieces
+    monkeypatch.setattr(exact_module, "BLOCK_VALUES", 100 * 32)  # 100-row blocks of 2 × 16
+    g = torch.Generator().manual_seed(0)
+    features = [torch.randn(300, 16, generator=g) for _ in range(2)]
+    store = make_store(tmp_path / "s", features)
+    assert store.piece_rows == 24
+    assert _block_rows(store, 5, None) == 96  # 100 rounded down to whole pieces
+    assert _block_rows(store, 5, 7) == 7  # asked for: kept (verification reads the rest)
+    queries = [torch.randn(5, 16, generator=g) for _ in range(2)]
+    assert_topk_equal(
+        exact_top_k(store, queries, WEIGHTS[:2], 4), dense(features, queries, WEIGHTS[:2]), 4
+    )
+    assert_topk_equal(
+        exact_top_k(store, queries, WEIGHTS[:2], 4, rows=7),
+        dense(features, queries, WEIGHTS[:2]),
+        4,
+    )

@@ -17,6 +17,7 @@ largest scores (largest first), opponents the smallest (most negative first).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
@@ -24,7 +25,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from traintrace.exceptions import ConfigurationError
+from traintrace.exceptions import ConfigurationError, NonFiniteGradientError
 from traintrace.features.store import FeatureStore
 from traintrace.retrieval.topk import Ranking, TopK, check_k
 
@@ -147,13 +148,32 @@ def _check_queries(
         m = q.shape[0]
     if not m:
         raise ConfigurationError("no queries: the query features have 0 rows")
+    bad = [(c, w) for c, w in enumerate(weights) if not math.isfinite(w)]
+    if bad:
+        raise ConfigurationError(
+            f"weights must be finite, got {', '.join(f'w_{c}={w}' for c, w in bad)}"
+        )
     dtype = torch.promote_types(queries[0].dtype, torch.float32)
-    return [q.detach().to(dtype) for q in queries], weights
+    out = [q.detach().to(dtype) for q in queries]
+    for c, q in enumerate(out):
+        if not bool(torch.isfinite(q.sum())) and not bool(torch.isfinite(q).all()):
+            rows = (~torch.isfinite(q)).any(dim=1).nonzero().flatten().tolist()
+            raise NonFiniteGradientError(
+                f"query features of checkpoint {c} hold NaN or infinity in {len(rows)} of {m} "
+                f"queries (the first: query {rows[0]}); their scores would be meaningless. "
+                "Check those queries' inputs, or compute in float64."
+            )
+    return out, weights
 
 
 def _block_rows(source: FeatureSource, m: int, rows: int | None) -> int:
     if rows is None:
         rows = BLOCK_VALUES // max(source.checkpoints * source.width, m, 1)
+        piece = getattr(source, "piece_rows", 1)
+        if rows > piece:  # whole checksummed pieces: no piece is read twice to verify it
+            rows -= rows % piece
+    if isinstance(rows, bool) or not isinstance(rows, int):
+        raise ConfigurationError(f"rows must be an integer >= 1, got {rows!r}")
     if rows < 1:
         raise ConfigurationError(f"rows must be >= 1, got {rows}")
     return max(1, min(rows, source.n))
@@ -227,7 +247,23 @@ def _scored_blocks(
             else:
                 # F·Qᵀ (long side first) streams F row-major: faster than Q·Fᵀ for few queries
                 block.add_(torch.mm(f, q.T).T, alpha=w)
+        if not bool(torch.isfinite(block.sum(dtype=torch.float64))) and not bool(
+            torch.isfinite(block).all()
+        ):
+            _overflow(block, start, dtype)
         yield start, block
+
+
+def _overflow(block: Tensor, start: int, dtype: torch.dtype) -> None:
+    """Raise for a block of scores that holds NaN or infinity (finite inputs overflowed)."""
+    q, i = (~torch.isfinite(block)).nonzero()[0].tolist()
+    raise NonFiniteGradientError(
+        f"the score of query {q} with training example {start + i} is {float(block[q, i])}: "
+        f"the training features hold NaN/infinity, or the inner products overflow {dtype} "
+        "(finite but huge features, e.g. inputs or gradients around 1e19 or more). Rescale "
+        "the inputs, or compute in float64 (a float64 model and store_dtype='float64'); no "
+        "scores are returned."
+    )
 
 
 def iter_scores(

@@ -1,4 +1,4 @@
-"""FAISS inner-product index over stored features, and the exact/FAISS chooser :func:`top_k`.
+"""FAISS inner-product index over stored features, and :func:`top_k` (exact unless FAISS is asked for).
 
 **One inner product = the whole TracIn sum.** Each training example ``i`` is indexed as the
 concatenation over checkpoints ``x_i = [√w_0 F_0[i], …, √w_{C−1} F_{C−1}[i]]`` and each query
@@ -29,18 +29,19 @@ Index kinds (``d = C × width`` dimensions, ``n`` training examples):
   lie on the far rim of the data, which greedy graph search reaches less reliably (raise
   ``ef_search`` / ``hnsw_m`` if opponents matter).
 
-Approximate kinds trade recall for speed: measure recall@k against ``"flat"`` on a sample of
-your queries (the tests require ≥ 0.9 recall@10 on clustered data with the defaults).
+Approximate kinds trade recall for speed: measure recall@k against the exact search on a sample
+of your queries (``top_k(..., method="faiss", verify_recall=32)``; the tests require ≥ 0.9
+recall@10 on clustered data with the defaults). :func:`top_k` never picks an index on its own.
 ``faiss`` is an optional dependency (``pip install faiss-cpu``), imported only when used.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -60,16 +61,17 @@ from traintrace.retrieval.exact import (
 )
 from traintrace.retrieval.topk import Ranking, TopK, check_k
 
-__all__ = ["EXACT_MAX_VALUES", "FaissIndex", "IndexKind", "top_k"]
+__all__ = [
+    "ApproximateSearchWarning",
+    "ApproximateTopK",
+    "FaissIndex",
+    "IndexKind",
+    "top_k",
+]
 
 IndexKind = Literal["flat", "ivf", "hnsw"]
 _KINDS = ("flat", "ivf", "hnsw")
 _EPS = 1e-30
-
-#: ``method="auto"`` searches exactly when the training features hold at most this many values
-#: (``n × checkpoints × width``; 2^30 = 4 GiB of float32): one exact pass then takes seconds and
-#: needs no index. Above it, an approximate ``"ivf"`` index is built (or reused from disk).
-EXACT_MAX_VALUES = 2**30
 
 
 def _faiss() -> Any:
@@ -108,7 +110,8 @@ def _concat(
 
 
 def _store_fingerprint(store: FeatureStore) -> str:
-    return hashlib.sha256((store.path / "meta.json").read_bytes()).hexdigest()
+    """Changes with the store's metadata and with any chunk's checksums (its contents)."""
+    return store.content_fingerprint()
 
 
 class FaissIndex:
@@ -374,6 +377,55 @@ class FaissIndex:
         )
 
 
+class ApproximateSearchWarning(UserWarning):
+    """An approximate (FAISS) top-k was used, or its measured recall is below ``min_recall``."""
+
+
+@dataclass(frozen=True)
+class ApproximateTopK(TopK):
+    """A :class:`~traintrace.retrieval.topk.TopK` found with a FAISS index.
+
+    Attributes:
+        index: a description of the index (kind, size, parameters).
+        recall: measured recall@k against the exact search on ``recall_queries`` sampled
+            queries, ``{"proponents": r, "opponents": r}`` (``None`` unless ``verify_recall``).
+        recall_queries: indices of the queries the recall was measured on.
+    """
+
+    index: str = ""
+    recall: dict[str, float] | None = None
+    recall_queries: Tensor | None = None
+
+
+def _describe(index: FaissIndex, k: int) -> str:
+    """Size and expected recall of ``index`` in words."""
+    dim = index.checkpoints * index.width
+    size = 4 * index.n * dim + (8 * index.n * index.params.get("hnsw_m", 0))
+    shown = f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
+    what = f"a FAISS {index.kind!r} index of {index.n:,} × {dim:,} values ({shown} in RAM)"
+    if index.kind == "flat":
+        return f"{what}: exact (a brute-force scan, recall 1)"
+    if index.kind == "ivf":
+        p, lists = index.params["nprobe"], index.params["nlist"]
+        search = f"nprobe={p} of nlist={lists} lists, ~{p / lists:.0%} of the rows scanned"
+    else:
+        ef = max(index.params.get("ef_search") or max(256, 4 * k), k)
+        search = f"hnsw_m={index.params['hnsw_m']}, ef_search={ef}"
+    return (
+        f"{what}, approximate ({search}): expected recall@10 >= 0.9 on clustered gradient "
+        "features with the defaults (the test suite's data), unknown for yours; pass "
+        "verify_recall=<queries> to measure it against the exact search"
+    )
+
+
+def _recall(approximate: Tensor, exact: Tensor) -> float:
+    """Mean fraction of each query's exact top-k that the approximate top-k found."""
+    hits = sum(
+        len(set(a.tolist()) & set(e.tolist())) for a, e in zip(approximate, exact, strict=True)
+    )
+    return hits / max(exact.numel(), 1)
+
+
 def top_k(
     train: TrainFeatures,
     queries: Tensor | Sequence[Tensor],
@@ -381,28 +433,58 @@ def top_k(
     k: int,
     *,
     normalize: bool = False,
-    method: Literal["auto", "exact", "faiss"] = "auto",
+    method: Literal["exact", "faiss", "auto"] = "exact",
     kind: IndexKind = "ivf",
     index: FaissIndex | None = None,
+    verify_recall: int | None = None,
+    min_recall: float = 0.9,
+    seed: int = 0,
 ) -> TopK:
-    """Top-k proponents and opponents of ``Σ_c w_c ⟨Q_c, F_c⟩`` (or its cosine variant).
+    """Top-k proponents and opponents of ``S = Σ_c w_c ⟨Q_c, F_c⟩`` (or its cosine variant).
+
+    Scores ``S [m, n]`` (query × train); a positive score means the training example helps
+    the query. Proponents: the ``k`` largest per query (largest first); opponents: the ``k``
+    smallest (most negative first). Results are ``[m, k]``.
+
+    **Exact unless asked otherwise.** ``method="exact"`` (the default) streams over the
+    training features once (cost ``O(m n C width)``, memory flat in ``n``) and is always
+    exact. ``"auto"`` is accepted as an alias of ``"exact"`` (it used to switch to an
+    approximate index silently above 2^30 values; it no longer does). ``"faiss"`` searches a
+    FAISS index of ``kind`` (built beside a :class:`FeatureStore` and reused); an
+    approximate kind (``"ivf"``, ``"hnsw"``) can miss true neighbours, so this emits an
+    :class:`ApproximateSearchWarning` stating the index size and expected recall, and returns
+    an :class:`ApproximateTopK`.
 
     Args:
         train, queries, weights, normalize: as :func:`~traintrace.retrieval.exact.exact_top_k`.
-        k: neighbours per query.
-        method: ``"exact"`` (streaming, exact), ``"faiss"`` (a FAISS index of ``kind``), or
-            ``"auto"``: exact when ``n × checkpoints × width <= EXACT_MAX_VALUES`` (2^30), when
-            a weight is negative, or when faiss is not installed (with a warning); otherwise an
-            approximate FAISS index.
-        kind: the index for ``method="faiss"`` / large ``"auto"`` (default ``"ivf"``).
-        index: a prebuilt :class:`FaissIndex` to use (it must match ``weights``/``normalize``).
+        k: neighbours per query (``1 <= k <= n``).
+        method: ``"exact"`` (default), ``"faiss"``, or ``"auto"`` (= ``"exact"``).
+        kind: the index for ``method="faiss"`` (default ``"ivf"``).
+        index: a prebuilt :class:`FaissIndex` to use (implies ``method="faiss"``; it must
+            match ``weights``/``normalize``).
+        verify_recall: with FAISS, measure recall@k against the exact search on this many
+            queries (sampled with ``seed``; costs one exact pass over the training features
+            for them) and attach it as ``.recall``; below ``min_recall`` a warning says so.
+        min_recall: the recall below which ``verify_recall`` warns.
+        seed: seeds the sample of queries for ``verify_recall``.
 
-    With a :class:`FeatureStore`, a FAISS index is saved beside the store
-    (:meth:`FaissIndex.default_path`) and reused by later calls with the same weights, cosine
-    flag and store metadata.
+    Raises:
+        ConfigurationError: an unknown ``method``, a bad ``verify_recall`` / ``min_recall``,
+            or an ``index`` built for other weights.
     """
     if method not in ("auto", "exact", "faiss"):
-        raise ConfigurationError(f"method must be 'auto', 'exact' or 'faiss', got {method!r}")
+        raise ConfigurationError(
+            f"method must be 'exact' (the default), 'faiss' (an approximate index, opt-in) or "
+            f"'auto' (an alias of 'exact'), got {method!r}"
+        )
+    if verify_recall is not None and (
+        isinstance(verify_recall, bool) or not isinstance(verify_recall, int) or verify_recall < 1
+    ):
+        raise ConfigurationError(
+            f"verify_recall must be a number of queries >= 1 (or None), got {verify_recall!r}"
+        )
+    if not 0.0 <= float(min_recall) <= 1.0:
+        raise ConfigurationError(f"min_recall must be in [0, 1], got {min_recall!r}")
     weights = [float(w) for w in weights]
     if index is not None:
         if index.weights != weights or index.normalize != normalize:
@@ -411,24 +493,41 @@ def top_k(
                 f"normalize={index.normalize}; this call asks for weights={weights}, "
                 f"normalize={normalize}. Rebuild the index or change the call."
             )
-        return index.search(queries, k)
-    if method == "auto":
-        source = as_feature_source(train)
-        values = source.n * source.checkpoints * source.width
-        method = "exact"
-        if values > EXACT_MAX_VALUES and min(weights, default=0.0) >= 0:
-            try:
-                _faiss()
-                method = "faiss"
-            except ImportError:
-                warnings.warn(
-                    f"{values:,} training feature values: an approximate FAISS index would be "
-                    "faster but faiss is not installed (pip install faiss-cpu); searching exactly",
-                    stacklevel=2,
-                )
-    if method == "exact":
+    elif method != "faiss":
         return exact_top_k(train, queries, weights, k, normalize=normalize)
-    return _cached_index(train, weights, normalize, kind).search(queries, k)
+    else:
+        index = _cached_index(train, weights, normalize, kind)
+    description = _describe(index, k)
+    if index.kind != "flat":
+        warnings.warn(f"approximate top-k: {description}", ApproximateSearchWarning, stacklevel=2)
+    found = index.search(queries, k)
+    recall, sample = None, None
+    if verify_recall is not None:
+        qs, _ = _check_queries(index.checkpoints, index.width, queries, weights)
+        m = qs[0].shape[0]
+        generator = torch.Generator().manual_seed(seed)
+        sample = torch.randperm(m, generator=generator)[: min(verify_recall, m)].sort().values
+        exact = exact_top_k(train, [q[sample] for q in qs], weights, k, normalize=normalize)
+        recall = {
+            "proponents": _recall(found.proponents.indices[sample], exact.proponents.indices),
+            "opponents": _recall(found.opponents.indices[sample], exact.opponents.indices),
+        }
+        if min(recall.values()) < min_recall:
+            warnings.warn(
+                f"measured recall@{k} of the {index.kind!r} index on {len(sample)} queries: "
+                f"proponents {recall['proponents']:.3f}, opponents {recall['opponents']:.3f}, "
+                f"below min_recall={min_recall}. Use method='exact', kind='flat', or raise "
+                "nprobe (IVF) / ef_search (HNSW) with FaissIndex.build.",
+                ApproximateSearchWarning,
+                stacklevel=2,
+            )
+    return ApproximateTopK(
+        proponents=found.proponents,
+        opponents=found.opponents,
+        index=description,
+        recall=recall,
+        recall_queries=sample,
+    )
 
 
 def _cached_index(
