@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -65,7 +65,10 @@ class InfluenceFunction(Estimator):
             ``tt.Arnoldi(rank=...)``, ``tt.KFAC()``, ``tt.EKFAC()``, ``tt.MFAC()`` or one of the
             names ``"exact"``, ``"cg"``, ``"lissa"``, ``"arnoldi"``, ``"mfac"``.
         damping: ``λ >= 0``. ``None``: 0 for the matrix-free solvers, the config's own damping
-            for K-FAC/EK-FAC; M-FAC requires ``λ > 0``.
+            for K-FAC/EK-FAC; M-FAC requires ``λ > 0``. ``"evidence"``: the ``λ`` maximizing the
+            linearized-Laplace evidence (:func:`~traintrace.select_damping`, Gauss–Newton, or the
+            K-FAC/EK-FAC eigenvalues for those), stored as ``damping_`` with the search in
+            ``damping_selection_``.
         curvature: ``"hessian"`` (default; can be indefinite for non-convex models — the exact
             and CG paths then raise and ask for damping), ``"ggn"`` (positive semi-definite) or
             ``"fisher"`` (empirical Fisher). M-FAC always uses the empirical Fisher and
@@ -113,13 +116,14 @@ class InfluenceFunction(Estimator):
         checkpoint: Checkpoint,
         *,
         hessian: Solver | KFAC | str = "exact",
-        damping: float | None = None,
+        damping: float | Literal["evidence"] | None = None,
         curvature: Curvature = "hessian",
         layers: Layers = None,
         curvature_data: Data | None = None,
         normalize: Normalize | bool = False,
         layerwise: bool = False,
         batch_size: int = 64,
+        collate_fn: Callable[[list[Any]], Any] | None = None,
         query_block: int = 256,
         progress: bool = True,
         **removed: Any,
@@ -142,9 +146,18 @@ class InfluenceFunction(Estimator):
             raise ConfigurationError(
                 f"curvature must be one of {sorted(CURVATURES)}, got {curvature!r}"
             )
-        if damping is not None and not damping >= 0:
+        if isinstance(damping, str):
+            if damping != "evidence":
+                raise ConfigurationError(
+                    f"damping must be a number >= 0 or 'evidence', got {damping!r}"
+                )
+        elif damping is not None and not damping >= 0:
             raise ConfigurationError(f"damping must be >= 0, got {damping}")
-        if isinstance(hessian, KFAC) and damping is not None and hessian.damping != damping:
+        if (
+            isinstance(hessian, KFAC)
+            and isinstance(damping, (int, float))
+            and hessian.damping != damping
+        ):
             default = KFAC.__dataclass_fields__["damping"].default
             if hessian.damping != default:
                 raise ConfigurationError(
@@ -165,6 +178,7 @@ class InfluenceFunction(Estimator):
         self.curvature_data = curvature_data
         self.normalize, self.layerwise = check_normalize(normalize, layerwise)
         self.batch_size = batch_size
+        self.collate_fn = collate_fn
         self.query_block = query_block
         self.progress = progress
         self._engine = ExactGradients(model, task, layers)
@@ -184,12 +198,12 @@ class InfluenceFunction(Estimator):
     ) -> InverseOperator | KroneckerInverse:
         if isinstance(self.hessian, KFAC):
             config = self.hessian
-            if self.damping is not None:
-                config = dataclasses.replace(config, damping=self.damping)
+            if self.damping_ is not None:
+                config = dataclasses.replace(config, damping=self.damping_)
             return config.prepare(
                 self.model, self.task, state, loader, self.layers, progress=self.progress
             )
-        damping = 0.0 if self.damping is None else self.damping
+        damping = 0.0 if self.damping_ is None else self.damping_
         kind = "fisher" if isinstance(self.hessian, MFAC) else self.curvature
         operator = curvature_operator(
             kind, self.model, self.task, state, loader, layers=self.layers, damping=damping
@@ -202,7 +216,7 @@ class InfluenceFunction(Estimator):
         No training gradient is computed or stored here; with ``normalize=`` one capture pass
         records the per-layer training-gradient norms.
         """
-        loader = as_loader(train, self.batch_size)
+        loader = as_loader(train, self.batch_size, self.collate_fn)
         n = dataset_length(loader)
         if n is None:
             raise ConfigurationError(
@@ -213,9 +227,27 @@ class InfluenceFunction(Estimator):
         curv_loader = (
             loader
             if self.curvature_data is None
-            else as_loader(self.curvature_data, self.batch_size)
+            else as_loader(self.curvature_data, self.batch_size, self.collate_fn)
         )
         state = self.checkpoint.state_for(self.model)
+        self.damping_ = self.damping
+        if self.damping == "evidence":
+            # the prior precision that maximizes the linearized-Laplace evidence (MacKay; Immer
+            # et al. 2021) on the curvature data; on traintrace's scale (C + λI)
+            from traintrace.curvature.laplace import select_damping
+
+            kind = self.hessian if isinstance(self.hessian, KFAC) else "ggn"
+            self.damping_selection_ = select_damping(
+                self.model,
+                self.task,
+                self.checkpoint,
+                curv_loader,
+                curvature=kind,
+                layers=self.layers,
+                batch_size=self.batch_size,
+                progress=self.progress,
+            )
+            self.damping_ = float(self.damping_selection_.damping)
         self.inverse_ = self._inverse(state, curv_loader)
         self.preconditioner_ = InverseCurvature(self.inverse_, 1.0 / n)
         self._train_loader = loader
@@ -256,7 +288,7 @@ class InfluenceFunction(Estimator):
     def _score_blocks(self, queries: Data) -> Iterator[Tensor]:
         self._check_fitted()
         yield from stream_scores(
-            queries=as_loader(queries, self.batch_size),
+            queries=as_loader(queries, self.batch_size, self.collate_fn),
             query_block=self.query_block,
             normalize=self.normalize,
             layerwise=self.layerwise,
@@ -273,7 +305,7 @@ class InfluenceFunction(Estimator):
         self._check_fitted()
         check_k(k, self.n_train_)
         return stream_top_k(
-            queries=as_loader(queries, self.batch_size),
+            queries=as_loader(queries, self.batch_size, self.collate_fn),
             k=k,
             query_block=self.query_block,
             normalize=self.normalize,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
 
 import torch
@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from traintrace.checkpoints import Checkpoint, model_fingerprint
 from traintrace.data import (
+    DataHasher,
     as_loader,
     batch_size_of,
     dataset_fingerprint,
@@ -119,6 +120,8 @@ class TracIn(Estimator):
         chunk_size: training examples per store chunk (the unit of resumption and of work
             shared between ``torchrun`` ranks); default about 32 MiB of features.
         batch_size: batch size used when a Dataset (not a DataLoader) is given.
+        collate_fn: how examples of a Dataset become a batch (e.g. Hugging Face
+            ``DataCollatorWithPadding(tokenizer)`` for variable-length text).
         max_disk_gib: refuse (before any work) a store larger than this.
         progress: show tqdm progress bars.
 
@@ -149,6 +152,7 @@ class TracIn(Estimator):
         store_dtype: Literal["float16", "float32", "float64"] | None = None,
         chunk_size: int | None = None,
         batch_size: int = 64,
+        collate_fn: Callable[[list[Any]], Any] | None = None,
         query_block: int = 1024,
         max_disk_gib: float = 256.0,
         progress: bool = True,
@@ -180,6 +184,7 @@ class TracIn(Estimator):
         self.store_dtype = store_dtype or default_dtype
         self.chunk_size = chunk_size
         self.batch_size = batch_size
+        self.collate_fn = collate_fn
         self.query_block = query_block
         self.max_disk_gib = max_disk_gib
         self.progress = progress
@@ -218,7 +223,7 @@ class TracIn(Estimator):
                 {"name": c.name, "lr": c.learning_rate, "fingerprint": c.fingerprint(self.model)}
                 for c in self.checkpoints
             ],
-            "data": {"n": n, "fingerprint": dataset_fingerprint(loader.dataset)},
+            "data": {"n": n, "fingerprint": dataset_fingerprint(loader)},
         }
 
     def _feature_width(self) -> int:
@@ -279,7 +284,7 @@ class TracIn(Estimator):
         chunks in flight). Example ``i`` is the ``i``-th example of the data set; a shuffled
         DataLoader is refused.
         """
-        loader = as_loader(train, self.batch_size)
+        loader = as_loader(train, self.batch_size, self.collate_fn)
         n = dataset_length(loader)
         if n is None:
             raise ConfigurationError(
@@ -347,6 +352,7 @@ class TracIn(Estimator):
     def _fit_streaming(self, loader: DataLoader, n: int) -> TracIn:
         """One capture pass per checkpoint: the per-layer training-gradient norms ``[U, n]``."""
         names = self._names()
+        hasher = DataHasher()
         self.train_sq_norms_ = [
             train_sq_norms(
                 self._engine,
@@ -356,9 +362,12 @@ class TracIn(Estimator):
                 n=n,
                 where=names[c],
                 progress=self.progress,
+                on_batch=hasher.update if c == 0 else None,
             )
             for c in range(len(self.checkpoints))
         ]
+        #: full-content fingerprint of the training data seen by ``fit`` (every tensor's bytes)
+        self.data_fingerprint_ = hasher.hexdigest()
         self._train_loader = loader
         self.n_train_ = n
         return self
@@ -384,7 +393,7 @@ class TracIn(Estimator):
     def _query_blocks(self, queries: Data) -> Iterator[list[Tensor]]:
         """Per-checkpoint query features ``[m, width]`` for blocks of up to ``query_block``."""
         self._check_fitted()
-        loader = as_loader(queries, self.batch_size)
+        loader = as_loader(queries, self.batch_size, self.collate_fn)
         device = next(self.model.parameters()).device
         states = self._states()  # C model states in memory while scoring
         pending: list[list[Tensor]] = [[] for _ in states]
@@ -422,7 +431,7 @@ class TracIn(Estimator):
         if self.streaming:
             self._check_fitted()
             yield from stream_scores(
-                queries=as_loader(queries, self.batch_size), **self._stream_args()
+                queries=as_loader(queries, self.batch_size, self.collate_fn), **self._stream_args()
             )
             return
         for qs in self._query_blocks(queries):
@@ -443,7 +452,9 @@ class TracIn(Estimator):
         check_k(k, self.n_train_)  # before any query gradient is computed
         if self.streaming:
             return stream_top_k(
-                queries=as_loader(queries, self.batch_size), k=k, **self._stream_args()
+                queries=as_loader(queries, self.batch_size, self.collate_fn),
+                k=k,
+                **self._stream_args(),
             )
         parts = [
             retrieval_top_k(

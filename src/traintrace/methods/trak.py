@@ -99,7 +99,7 @@ class TRAK(TracIn):
         if self.preconditioner == "identity":
             self.preconditioners_ = None
             return self
-        loader = as_loader(train, self.batch_size)
+        loader = as_loader(train, self.batch_size, self.collate_fn)
         device = next(self.model.parameters()).device
         k = self._features.width
         if k >= self.n_train_:
