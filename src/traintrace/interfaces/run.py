@@ -352,7 +352,9 @@ def _explains(task: tt.Task) -> str:
             "each query's logit margin of its label (the predicted class when the query has no "
             "label): positive = the training example raises that margin"
         )
-    return (
-        f"each query's loss under {task!r} (of the query's own label): positive = the training "
-        "example lowers that loss"
-    )
+    if isinstance(task, tt.Classification):
+        return (
+            "each query's cross-entropy loss of its own label (shown with the query): positive = "
+            "the training example lowers that loss"
+        )
+    return f"each query's measurement under {task!r}: positive = the training example lowers it"
