@@ -63,7 +63,7 @@ def test_top_k_through_a_subprocess_matches_the_python_api(user_project):
     expected = est.top_k(queries, k=4).to_pandas()
     assert (frame["train_index"] == expected["train_index"]).all()
     np.testing.assert_allclose(frame["score"], expected["score"], rtol=1e-5, atol=1e-7)
-    assert (out / "store").is_dir()
+    assert not (out / "store").exists()  # exact TracIn streams: nothing of size n × P is written
 
 
 def test_every_command_in_process(user_project, monkeypatch, capsys):
@@ -102,10 +102,21 @@ def test_config_file_and_flags_give_the_same_config(tmp_path):
     toml.write_text(
         'model = "userproj:make_model"\ntrain = "userproj:train_set"\n'
         'queries = "userproj:test_set"\ncheckpoints = "ckpt/*.pt"\npath = ["src"]\n'
-        "batch-size = 8\nlr = 0.1\nprojection = 64\nnormalize = true\nk = 3\n"
+        "batch-size = 8\nlr = 0.1\nprojection = 64\nnormalize = 'cosine'\nk = 3\nstore = true\n"
         'output = "out"\nlabel_names = ["a", "b"]\n'
     )
-    flags = [*FLAGS, "--batch-size", "8", "--lr", "0.1", "--projection", "64", "--normalize"]
+    flags = [
+        *FLAGS,
+        "--batch-size",
+        "8",
+        "--lr",
+        "0.1",
+        "--projection",
+        "64",
+        "--normalize",
+        "cosine",
+    ]
+    flags += ["--store"]
     flags += ["--k", "3", "--output", "out", "--label-names", "a", "b"]
     parser = build_parser()
     from_flags = load_config(
@@ -116,13 +127,13 @@ def test_config_file_and_flags_give_the_same_config(tmp_path):
     python = RunConfig(
         model="userproj:make_model", train="userproj:train_set", queries="userproj:test_set",
         checkpoints="ckpt/*.pt", path=("src",), batch_size=8, lr=(0.1,), projection=64,
-        normalize=True, k=3, output=Path("out"), label_names=("a", "b"),
+        normalize="cosine", k=3, output=Path("out"), label_names=("a", "b"), store=True,
     )  # fmt: skip
     assert from_flags == from_file == python
     # flags override the file
-    args = parser.parse_args(["fit", "--config", str(toml), "--k", "7", "--no-normalize"])
+    args = parser.parse_args(["fit", "--config", str(toml), "--k", "7", "--normalize", "none"])
     cfg = load_config(RunConfig, args.config, config_from_args(args, RunConfig))
-    assert (cfg.k, cfg.normalize, cfg.batch_size) == (7, False, 8)
+    assert (cfg.k, cfg.normalize, cfg.batch_size, cfg.store) == (7, "none", 8, True)
 
 
 def test_every_config_field_is_a_flag():
@@ -209,10 +220,11 @@ def test_custom_task_and_a_changed_setting_on_an_existing_store(user_project, mo
     folder, _ = user_project
     monkeypatch.chdir(folder)
     flags = [*FLAGS, "--k", "2", "--quiet"]
-    assert main(["top-k", *flags, "--output", "run-a", "--measurement", "margin"]) == 0
+    assert main(["top-k", *flags, "--output", "run-a", "--measurement", "margin", "--store"]) == 0
+    assert (folder / "run-a" / "store").is_dir()
     assert main(["top-k", *flags, "--output", "run-b", "--task", "userproj:margin_task"]) == 0
     a, b = (pd.read_csv(folder / d / "top_k.csv") for d in ("run-a", "run-b"))
     pd.testing.assert_frame_equal(a, b)
     # the store in run-a holds exact gradients: a projection is refused, with the CLI's way out
-    assert main(["top-k", *flags, "--output", "run-a", "--projection", "8"]) == 2
+    assert main(["top-k", *flags, "--output", "run-a", "--projection", "8", "--store"]) == 2
     assert "--overwrite-store" in capsys.readouterr().err

@@ -124,6 +124,7 @@ def test_report_escapes_every_user_string(tmp_path, kind):
     else:
         assert n_img == 1  # only the curve
     assert "Finding the mislabeled training examples" in page and "Evaluation" in page
+    assert "label one (1)" in page and "label 1.0" not in page  # integer labels stay integers
 
 
 def test_gallery_labels_and_captions_are_escaped():

@@ -72,7 +72,8 @@ def _run_step(step: str) -> Callable[[RunConfig], int]:
         r = Run(cfg, log=_log)
         if step == "fit":
             est = r.fit()
-            print(f"fitted {type(est).__name__} on {est.n_train_} examples: {cfg.output / 'store'}")
+            where = cfg.output / "store" if r.uses_store else "nothing stored (streaming)"
+            print(f"fitted {type(est).__name__} on {est.n_train_} examples: {where}")
         elif step == "score":
             r.score()
             print(cfg.output / "scores.csv")

@@ -158,7 +158,18 @@ class RunConfig:
     projection_kind: Literal["kronecker", "gaussian", "rademacher", "sjlt"] = _f(
         "kronecker", help="TracIn: kind of random projection when --projection is given"
     )
-    normalize: bool = _f(False, help="TracIn: cosine similarity per checkpoint (GAS)")
+    normalize: Literal["none", "cosine", "train"] = _f(
+        "none",
+        help="renormalized scores: 'cosine' (GAS: cosine similarity per checkpoint) or 'train' "
+        "(divide by the training gradient's norm)",
+    )
+    layerwise: bool = _f(False, help="normalize per layer (exact streaming path)")
+    store: bool | None = _f(
+        None,
+        help="keep training features in <output>/store, so later commands reuse them (default: "
+        "with --projection; exact TracIn otherwise streams the training set for each command "
+        "and stores nothing of size n × parameters; influence functions never store)",
+    )
     hessian: Literal["exact", "cg", "lissa", "arnoldi", "mfac", "kfac", "ekfac"] = _f(
         "ekfac", help="influence: the inverse-curvature method"
     )

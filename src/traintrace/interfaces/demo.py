@@ -1,7 +1,8 @@
 """``traintrace demo``: the whole story on scikit-learn's digits, ending in an HTML report.
 
 1. Train a LeNet-style CNN on ``load_digits`` with 10% of the training labels flipped (fixed
-   seed), saving checkpoints (model + optimizer state, so the learning rate travels with them).
+   seed), saving checkpoints (model + optimizer state) and the learning rate in force during
+   the epoch that ended at each (``scheduler.get_last_lr()`` before ``scheduler.step()``).
 2. TracIn over the checkpoints: proponents and opponents of a few test images, beside the
    nearest neighbours in the penultimate-layer embedding. Each score explains one label's logit
    margin: the true label's for every test image and, for a misclassified one, also the
@@ -130,8 +131,13 @@ def _load_digits(seed: int, flip_fraction: float):
 
 def _train(
     cfg: DemoConfig, x: torch.Tensor, y: torch.Tensor, ckpt_dir: Path
-) -> tuple[LeNet, list[Path]]:
-    """Plain SGD with a step-decayed learning rate; saves model + optimizer state."""
+) -> tuple[LeNet, list[tt.Checkpoint]]:
+    """Plain SGD with a step-decayed learning rate; saves model + optimizer state.
+
+    Each checkpoint carries the learning rate in force during the epoch that ended there, read
+    before ``sched.step()``: an optimizer state saved with a scheduler attached cannot tell it
+    apart from the next epoch's rate (traintrace warns about that), so it is passed explicitly.
+    """
     torch.manual_seed(cfg.seed)
     model = LeNet()
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9)
@@ -146,7 +152,7 @@ def _train(
         np.linspace(cfg.epochs / cfg.checkpoints, cfg.epochs, cfg.checkpoints).round().astype(int)
     )
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
+    checkpoints = []
     for epoch in tqdm(
         range(1, cfg.epochs + 1), desc="train LeNet", unit="epoch", disable=not cfg.progress
     ):
@@ -162,9 +168,9 @@ def _train(
                 {"model_state_dict": model.state_dict(), "optimizer_state_dict": opt.state_dict()},
                 path,
             )
-            paths.append(path)
+            checkpoints.append(tt.Checkpoint(path, lr=sched.get_last_lr()[0]))
         sched.step()
-    return model, paths
+    return model, checkpoints
 
 
 def _pick_queries(pred: torch.Tensor, y_test: torch.Tensor, count: int) -> list[int]:
@@ -182,7 +188,7 @@ def run_demo(cfg: DemoConfig | None = None) -> DemoResult:
     t0 = time.perf_counter()
     x_train, y_noisy, y_clean, flipped, x_test, y_test = _load_digits(cfg.seed, cfg.flip_fraction)
     train = TensorDataset(x_train, y_noisy)
-    model, paths = _train(cfg, x_train, y_noisy, cfg.output / "checkpoints")
+    model, checkpoints = _train(cfg, x_train, y_noisy, cfg.output / "checkpoints")
     timings["train"] = time.perf_counter() - t0
 
     model.eval()
@@ -193,11 +199,10 @@ def run_demo(cfg: DemoConfig | None = None) -> DemoResult:
     train_pred = train_logits.argmax(1)
     train_loss = F.cross_entropy(train_logits, y_noisy, reduction="none")
 
-    # TracIn over the saved checkpoints (the learning rate is read from the saved optimizer).
+    # TracIn over the saved checkpoints, each with the learning rate in force when it was saved.
     # The query side is one label's logit margin, the label given with the query: the true
     # label for every test image, and the predicted one for misclassified images.
     t1 = time.perf_counter()
-    checkpoints = [tt.Checkpoint(p) for p in paths]
     tracin = tt.TracIn(
         model, tt.Classification("margin"), checkpoints, batch_size=128, progress=cfg.progress
     )

@@ -242,11 +242,14 @@ def _split(example: Any) -> tuple[Any, Any]:
 def _label_text(label: Any, names: Sequence[str] | None) -> str | None:
     if label is None:
         return None
-    arr = _as_array(label)
-    if arr is not None:
-        if arr.size != 1:
+    if hasattr(label, "numel") and hasattr(label, "item"):  # a tensor, keeping its dtype
+        if label.numel() != 1:
             return None
-        label = arr.reshape(-1)[0].item()
+        label = label.item()
+    elif isinstance(label, np.ndarray | np.generic):
+        if label.size != 1:
+            return None
+        label = label.reshape(-1)[0].item()
     if isinstance(label, float) and label.is_integer() and names:
         label = int(label)
     if names and isinstance(label, (int, np.integer)) and 0 <= int(label) < len(names):

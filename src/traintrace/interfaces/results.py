@@ -44,12 +44,12 @@ def save_scores(
     Non-finite values are refused. Cost: one write of ``n_query × n_train`` numbers per format.
     """
     arr = _finite_numpy(scores, "scores", 2)
+    pd = import_pandas() if csv else None
     folder = check_output_dir(folder, "folder")
     folder.mkdir(parents=True, exist_ok=True)
     out = {"npy": folder / f"{name}.npy"}
     np.save(out["npy"], arr, allow_pickle=False)
-    if csv:
-        pd = import_pandas()
+    if pd is not None:
         frame = pd.DataFrame(arr, columns=[str(i) for i in range(arr.shape[1])])
         frame.insert(0, "query", np.arange(arr.shape[0]))
         out["csv"] = folder / f"{name}.csv"
@@ -73,24 +73,24 @@ def save_self_influence(
     are given. The ``.npy`` file keeps training-set order. Returns the paths written.
     """
     arr = _finite_numpy(values, "self-influence", 1)
+    lab = None
+    if labels is not None:
+        lab = labels.detach().cpu().numpy() if isinstance(labels, Tensor) else np.asarray(labels)
+        if lab.shape != arr.shape:
+            raise ConfigurationError(
+                f"labels has shape {lab.shape}; need one label per training example {arr.shape}"
+            )
+    pd = import_pandas() if csv else None
     folder = check_output_dir(folder, "folder")
     folder.mkdir(parents=True, exist_ok=True)
     out = {"npy": folder / f"{name}.npy"}
     np.save(out["npy"], arr, allow_pickle=False)
-    if csv:
-        pd = import_pandas()
+    if pd is not None:
         order = np.argsort(-arr, kind="stable")
         frame = pd.DataFrame(
             {"rank": np.arange(1, len(arr) + 1), "train_index": order, "self_influence": arr[order]}
         )
-        if labels is not None:
-            lab = (
-                labels.detach().cpu().numpy() if isinstance(labels, Tensor) else np.asarray(labels)
-            )
-            if lab.shape != arr.shape:
-                raise ConfigurationError(
-                    f"labels has shape {lab.shape}; need one label per training example {arr.shape}"
-                )
+        if lab is not None:
             frame["label"] = lab[order]
         out["csv"] = folder / f"{name}.csv"
         frame.to_csv(out["csv"], index=False)

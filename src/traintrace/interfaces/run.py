@@ -13,8 +13,10 @@ folder — and writes each result beside it::
     top = run.top_k()             # also writes runs/a/top_k.csv
     scores = run.self_influence() # also writes runs/a/self_influence.csv and .npy
 
-Every command fits first; the store in ``<output>/store`` makes that a resume (finished chunks
-are skipped), so ``fit`` then ``top-k`` in a new process does not recompute the features.
+Every command fits first. With a store (``store=True``, the default with a ``projection``) in
+``<output>/store`` that is a resume (finished chunks are skipped), so ``fit`` then ``top-k`` in
+a new process does not recompute the features; exact TracIn without a store and influence
+functions stream the training set for each command instead (nothing of size n × P is written).
 """
 
 from __future__ import annotations
@@ -210,20 +212,21 @@ class Run:
         return self._once("checkpoints", make)
 
     @property
-    def estimator(self) -> tt.TracIn:
-        def make() -> tt.TracIn:
+    def estimator(self) -> tt.TracIn | tt.InfluenceFunction:
+        def make() -> tt.TracIn | tt.InfluenceFunction:
             cfg = self.config
+            normalize: Any = False if cfg.normalize == "none" else cfg.normalize
             common = {
-                "store": cfg.output / "store",
-                "overwrite_store": cfg.overwrite_store,
+                "normalize": normalize,
+                "layerwise": cfg.layerwise,
                 "batch_size": cfg.batch_size,
                 "progress": cfg.progress,
             }
             if cfg.method == "influence":
-                if cfg.projection is not None or cfg.normalize:
+                if cfg.projection is not None or cfg.store:
                     raise ConfigurationError(
-                        "projection and normalize are TracIn options; method='influence' works on "
-                        "exact gradients"
+                        "projection and store are TracIn options; method='influence' streams "
+                        "exact gradients and stores nothing"
                     )
                 hessian: Any = {"kfac": tt.KFAC, "ekfac": tt.EKFAC}.get(cfg.hessian, cfg.hessian)
                 if not isinstance(hessian, str):
@@ -243,27 +246,35 @@ class Run:
                 if cfg.projection is None
                 else tt.Projection(cfg.projection, kind=cfg.projection_kind, seed=cfg.seed)
             )
+            if self.uses_store:
+                common["store"] = cfg.output / "store"
+                common["overwrite_store"] = cfg.overwrite_store
             return tt.TracIn(
-                self.model,
-                self.task,
-                self.checkpoints,
-                projection=projection,
-                normalize=cfg.normalize,
-                **common,
+                self.model, self.task, self.checkpoints, projection=projection, **common
             )
 
         return self._once("estimator", make)
 
+    @property
+    def uses_store(self) -> bool:
+        """Whether the training features go to ``<output>/store`` (see ``RunConfig.store``)."""
+        cfg = self.config
+        if cfg.method == "influence":
+            return False
+        return cfg.projection is not None if cfg.store is None else cfg.store
+
     # -- results -----------------------------------------------------------------------------
-    def fit(self) -> tt.TracIn:
-        """Fit (or resume) the estimator into ``<output>/store``; returns it."""
+    def fit(self) -> tt.TracIn | tt.InfluenceFunction:
+        """Fit the estimator (resuming ``<output>/store`` when it has one); returns it."""
         if "fitted" not in self._cache:
             self.config.output.mkdir(parents=True, exist_ok=True)
             est = self.estimator
-            self.log(
-                f"{type(est).__name__} on {len(self.checkpoints)} checkpoint(s), store "
-                f"{self.config.output / 'store'}"
+            where = (
+                f"store {self.config.output / 'store'}"
+                if self.uses_store
+                else "exact, streamed (no store)"
             )
+            self.log(f"{type(est).__name__} on {len(self.checkpoints)} checkpoint(s), {where}")
             try:
                 self._cache["fitted"] = est.fit(self.train)
             except tt.StoreMismatchError as exc:
@@ -342,7 +353,9 @@ def _explains(task: tt.Task) -> str:
             "each query's logit margin of its label (the predicted class when the query has no "
             "label): positive = the training example raises that margin"
         )
-    return (
-        f"each query's loss under {task!r} (of the query's own label): positive = the training "
-        "example lowers that loss"
-    )
+    if isinstance(task, tt.Classification):
+        return (
+            "each query's cross-entropy loss of its own label (shown with the query): positive = "
+            "the training example lowers that loss"
+        )
+    return f"each query's measurement under {task!r}: positive = the training example lowers it"

@@ -160,8 +160,9 @@ class TopK:
     def to_csv(self, path: str | os.PathLike[str], **columns: Any) -> Path:
         """Write :meth:`to_pandas` (same keyword arguments) to a CSV file; returns its path."""
         path = Path(path)
+        frame = self.to_pandas(**columns)
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.to_pandas(**columns).to_csv(path, index=False)
+        frame.to_csv(path, index=False)
         return path
 
     def to_parquet(self, path: str | os.PathLike[str], **columns: Any) -> Path:
