@@ -218,7 +218,9 @@ def test_faiss_states_size_and_recall_and_verifies_it(tmp_path: Path) -> None:
     features, queries = [f[:4000] for f in both], [f[4000:] for f in both]
     weights = [0.3, 0.7]
     exact = exact_top_k(features, queries, weights, 10)
-    with pytest.warns(ApproximateSearchWarning, match=r"'ivf' index of 4,000 × 64 values \(1\.0 MiB in RAM\)"):
+    with pytest.warns(
+        ApproximateSearchWarning, match=r"'ivf' index of 4,000 × 64 values \(1\.0 MiB in RAM\)"
+    ):
         got = top_k(features, queries, weights, 10, method="faiss", verify_recall=8, seed=3)
     assert isinstance(got, ApproximateTopK) and "expected recall@10" in got.index
     sample = got.recall_queries

@@ -328,17 +328,17 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _owner_gone(tag: str) -> bool:
-    """``tag`` is ``<pid>-<host>-<id>`` or ``<pid>-<id>`` (older): is that process gone?"""
+def _owner_gone(tag: str, strict: bool = False) -> bool:
+    """``tag`` is ``<pid>-<host>-<id>`` (or ``<pid>-<id>`` unless ``strict``): is that process gone?"""
     parts = tag.split("-")
-    if not parts or not parts[0].isdigit():
+    if not parts or not parts[0].isdigit() or (strict and len(parts) < 3):
         return False
     if len(parts) >= 3 and parts[1] != _HOST:
         return False  # another machine's (shared file system): not ours to judge
     return not _pid_alive(int(parts[0]))
 
 
-def _clean_stale(parent: Path, prefixes: tuple[str, ...]) -> list[Path]:
+def _clean_stale(parent: Path, prefixes: tuple[str, ...], strict: bool = False) -> list[Path]:
     """Remove entries of ``parent`` named ``<prefix><pid>-…`` whose process is gone."""
     removed = []
     try:
@@ -347,7 +347,7 @@ def _clean_stale(parent: Path, prefixes: tuple[str, ...]) -> list[Path]:
         return removed
     for entry in entries:
         for prefix in prefixes:
-            if entry.name.startswith(prefix) and _owner_gone(entry.name[len(prefix) :]):
+            if entry.name.startswith(prefix) and _owner_gone(entry.name[len(prefix) :], strict):
                 target = Path(entry.path)
                 if entry.is_dir(follow_symlinks=False):
                     shutil.rmtree(target, ignore_errors=True)
@@ -478,7 +478,7 @@ class TemporaryStoreDir:
     def __init__(self, prefix: str = _TEMP_PREFIX, dir: str | os.PathLike[str] | None = None):
         """Create the directory (and remove stale ones left by dead processes)."""
         root = Path(dir) if dir is not None else Path(tempfile.gettempdir())
-        _clean_stale(root, (prefix,))
+        _clean_stale(root, (prefix,), strict=True)  # never tempfile's random names
         self.path = root / f"{prefix}{os.getpid()}-{_HOST}-{uuid.uuid4().hex[:12]}"
         self.path.mkdir(parents=True)
         self.name = str(self.path)
@@ -746,11 +746,18 @@ class FeatureStore:
 
     @classmethod
     def _generation_at(cls, path: Path) -> int:
+        """The generation of the store at ``path``; -1 when there is none (0 if unreadable)."""
         try:
-            generation = json.loads((path / _META).read_text(encoding="utf-8")).get("generation", 0)
-            return int(generation) if isinstance(generation, int) else 0
-        except (OSError, ValueError, AttributeError):
+            text = (path / _META).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return -1
+        except OSError:
             return 0
+        try:
+            generation = json.loads(text).get("generation", 0)
+        except (ValueError, AttributeError):
+            return 0
+        return generation if isinstance(generation, int) and generation >= 0 else 0
 
     @staticmethod
     def _clean_siblings(path: Path) -> list[Path]:
@@ -874,8 +881,9 @@ class FeatureStore:
             now = self._generation_at(self.path) if (self.path / _META).exists() else None
         state = f"generation {self.generation} → {now}" if now is not None else "it was deleted"
         return StoreRewrittenError(
-            f"the feature store at {self.path} was rewritten by another process since this "
-            f"estimator opened it ({state}): its rows no longer match this estimator's layout. "
+            f"the feature store at {self.path} was rewritten by another process (or another "
+            f"estimator's overwrite_store=True) since this estimator opened it ({state}): its "
+            "rows no longer belong to this estimator. "
             "Refit (call fit again) to use the new store, or give each estimator its own store= "
             "path."
         )
