@@ -121,6 +121,7 @@ __all__ = [
     "RACY_SECONDS",
     "FeatureStore",
     "TemporaryStoreDir",
+    "file_checksum",
     "free_disk_bytes",
     "temporary_store_dir",
 ]
@@ -167,6 +168,33 @@ def _default_checksum() -> str:
     except ImportError:
         return "crc32"
     return "xxh3_64"
+
+
+def file_checksum(path: str | os.PathLike[str], algorithm: str | None = None) -> str:
+    """``"<algorithm>:<hex>"`` of a whole file, read in 16 MiB blocks (the store's checksums).
+
+    ``algorithm``: ``"xxh3_64"`` or ``"crc32"``; default: xxh3_64 when ``xxhash`` is installed.
+    """
+    algorithm = algorithm or _default_checksum()
+    if algorithm == "xxh3_64":
+        try:
+            import xxhash
+        except ImportError:
+            raise ConfigurationError(
+                f"checking {path} needs the xxhash package: pip install xxhash"
+            ) from None
+        digest = xxhash.xxh3_64()
+        with open(path, "rb") as f:
+            while block := f.read(16 * 2**20):
+                digest.update(block)
+        return f"xxh3_64:{digest.hexdigest()}"
+    if algorithm != "crc32":
+        raise ConfigurationError(f"algorithm must be 'xxh3_64' or 'crc32', got {algorithm!r}")
+    crc = 0
+    with open(path, "rb") as f:
+        while block := f.read(16 * 2**20):
+            crc = zlib.crc32(block, crc)
+    return f"crc32:{crc:08x}"
 
 
 def _checksum_function(name: str, path: Path) -> Callable[[memoryview], str]:
@@ -1533,7 +1561,13 @@ class FeatureStore:
         """
         self._check_checkpoint(checkpoint)
         self.verify(checkpoint)
-        return np.load(self._file(checkpoint=checkpoint, kind="features"), mmap_mode="r")
+        return np.memmap(  # layout from meta.json, not from the file's (unchecksummed) header
+            self._file("features", checkpoint),
+            dtype=self._np_dtype,
+            mode="r",
+            offset=self._headers[("features", checkpoint)],
+            shape=(self.n, self.width),
+        )
 
     def content_fingerprint(self) -> str:
         """SHA-256 of the metadata and every completion record (checksums and data hashes).
