@@ -293,3 +293,13 @@ def test_default_blocks_are_whole_checksummed_pieces(tmp_path: Path, monkeypatch
         dense(features, queries, WEIGHTS[:2]),
         4,
     )
+
+
+def test_rows_wider_than_a_block_are_read_one_at_a_time(data, monkeypatch) -> None:
+    """checkpoints × width above BLOCK_VALUES (e.g. 4 checkpoints of a 1.1M-parameter model)."""
+    store, features, queries = data
+    monkeypatch.setattr(exact_module, "BLOCK_VALUES", 10)  # < 3 × 16 values per row
+    assert _block_rows(store, 9, None) == 1
+    expected = dense(features, queries, WEIGHTS)
+    torch.testing.assert_close(score(store, queries, WEIGHTS), expected)
+    assert_topk_equal(exact_top_k(store, queries, WEIGHTS, 3), expected, 3)

@@ -40,8 +40,9 @@ __all__ = [
 ]
 
 #: Default block of training rows: about this many values per read (all checkpoints together)
-#: and per block of scores, i.e. ``rows = BLOCK_VALUES // max(checkpoints × width, m)``
-#: (16 MiB of float32; two blocks are held, one being read while the other is scored).
+#: and per block of scores, i.e. ``rows = max(1, BLOCK_VALUES // max(checkpoints × width, m))``
+#: (16 MiB of float32; two blocks are held, one being read while the other is scored), rounded
+#: down to whole checksummed pieces of a store (see ``FeatureStore.piece_rows``).
 BLOCK_VALUES = 2**22
 _EPS = 1e-30
 
@@ -168,7 +169,8 @@ def _check_queries(
 
 def _block_rows(source: FeatureSource, m: int, rows: int | None) -> int:
     if rows is None:
-        rows = BLOCK_VALUES // max(source.checkpoints * source.width, m, 1)
+        # at least one row, however wide (C × width beyond BLOCK_VALUES: a block is one row)
+        rows = max(1, BLOCK_VALUES // max(source.checkpoints * source.width, m, 1))
         piece = getattr(source, "piece_rows", 1)
         if rows > piece:  # whole checksummed pieces: no piece is read twice to verify it
             rows -= rows % piece

@@ -38,6 +38,7 @@ recall@10 on clustered data with the defaults). :func:`top_k` never picks an ind
 from __future__ import annotations
 
 import json
+import logging
 import math
 import warnings
 from collections.abc import Sequence
@@ -73,6 +74,8 @@ __all__ = [
     "IndexKind",
     "top_k",
 ]
+
+_LOG = logging.getLogger(__name__)
 
 IndexKind = Literal["flat", "ivf", "hnsw"]
 _KINDS = ("flat", "ivf", "hnsw")
@@ -518,6 +521,7 @@ def top_k(
     else:
         index = _cached_index(train, weights, normalize, kind)
     description = _describe(index, k)
+    _LOG.info("top_k: %s", description)
     if index.kind != "flat":
         warnings.warn(f"approximate top-k: {description}", ApproximateSearchWarning, stacklevel=2)
     found = index.search(queries, k)
