@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo evaluate test lint format bench clean
+.PHONY: demo demo-text evaluate test lint format bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -14,6 +14,9 @@ $(STAMP): pyproject.toml constraints.txt
 
 demo: $(STAMP)
 	$(BIN)/traintrace demo --output demo-output
+
+demo-text: $(STAMP)
+	$(BIN)/traintrace demo --text --output demo-text-output
 
 evaluate: $(STAMP)
 	$(BIN)/traintrace evaluate --output evaluate-output
@@ -34,4 +37,4 @@ bench: $(STAMP)
 	for b in benchmarks/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
 clean:
-	rm -rf demo-output evaluate-output .pytest_cache build src/*.egg-info
+	rm -rf demo-output demo-text-output evaluate-output .pytest_cache build src/*.egg-info

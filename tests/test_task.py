@@ -106,3 +106,118 @@ def test_binary_single_logit_is_bce_and_signed_margin():
     )
     margin = tt.Classification("margin").measurement(s[:, 0], (None, y))
     torch.testing.assert_close(margin, torch.where(y == 1, s[:, 0], -s[:, 0]))
+
+
+class _Pair(torch.nn.Module):
+    """Returns ``(hidden, logits)``: the hidden state must never be taken as the logits."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        return x, self.fc(x)
+
+
+def test_tuple_outputs_need_output_and_output_selects_by_index_key_or_function():
+    model, x = _Pair(), torch.randn(2, 4)
+    with pytest.raises(tt.ModelOutputError, match=r"tuple of 2 values \(Tensor\(2, 4\), Tensor"):
+        tt.Classification().forward(model, x)
+    logits = model.fc(x)
+    torch.testing.assert_close(tt.Classification(output=1).forward(model, x), logits)
+    torch.testing.assert_close(tt.Classification(output=-1).forward(model, x), logits)
+    pick = tt.Regression(output=lambda out: out[1][:, :1])
+    torch.testing.assert_close(pick.forward(model, x), logits[:, :1])
+    as_dict = tt.Classification(output="scores")
+    torch.testing.assert_close(as_dict.forward(lambda x: {"scores": x, "h": 0}, x), x)
+    # a 1-tuple is not ambiguous
+    torch.testing.assert_close(tt.Classification().forward(lambda x: (x,), x), x)
+    # the selector is part of the task's repr, which stores compare
+    assert repr(tt.Classification(output=1)) == "Classification(measurement='loss', output=1)"
+    assert "output=" not in repr(tt.Classification())
+    with pytest.raises(tt.ModelOutputError, match="selected a int"):
+        as_dict.forward(lambda x: {"scores": 0}, x)
+
+
+def test_hugging_face_model_output_keeps_working():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(
+        vocab_size=20,
+        hidden_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=16,
+        max_position_embeddings=16,
+        num_labels=3,
+    )
+    model = transformers.BertForSequenceClassification(cfg).eval()
+    batch = {"input_ids": torch.tensor([[1, 2, 3], [4, 5, 6]]), "label": torch.tensor([0, 2])}
+    task = tt.Classification()  # the datasets column 'label' is read as the labels
+    out = task.forward(model, batch)
+    assert out.shape == (2, 3)
+    assert task.labels(batch, required=True).tolist() == [0, 2]
+    loss = task.loss(out, batch)
+    torch.testing.assert_close(loss, F.cross_entropy(out, batch["label"], reduction="none"))
+
+
+def test_label_key_rule():
+    x, y = torch.randn(2, 3), torch.tensor([0, 1])
+    task = tt.Classification()
+    _, kwargs, labels = task.split({"x": x, "label": y})
+    assert set(kwargs) == {"x"} and labels is y
+    with pytest.raises(tt.BatchFormatError, match="both 'labels' and 'label'"):
+        task.split({"x": x, "label": y, "labels": y})
+    custom = tt.Classification(label_key="target")
+    assert set(custom.split({"x": x, "target": y})[1]) == {"x"}
+    # an explicit key is used exactly: 'label' is then a model input
+    assert custom.split({"x": x, "label": y})[2] is None
+    with pytest.raises(
+        tt.BatchFormatError, match=r"no 'target' key \(keys found: \['label', 'x'\]\)"
+    ):
+        custom.labels({"x": x, "label": y}, required=True)
+    assert repr(custom) == "Classification(measurement='loss', label_key='target')"
+    with pytest.raises(tt.ConfigurationError, match="label_key"):
+        tt.Regression(label_key="")
+
+
+def test_label_dtypes():
+    logits = torch.randn(4, 3)
+    ref = F.cross_entropy(logits, torch.tensor([0, 1, 1, 0]), reduction="none")
+    for y in (
+        torch.tensor([0, 1, 1, 0], dtype=torch.uint8),
+        torch.tensor([0, 1, 1, 0], dtype=torch.int32),
+        torch.tensor([[0], [1], [1], [0]]),
+        torch.tensor([False, True, True, False]),
+    ):
+        torch.testing.assert_close(tt.Classification().loss(logits, (None, y)), ref)
+    with pytest.raises(tt.LabelError, match=r"y.long\(\)"):
+        tt.Classification().loss(logits, (None, torch.tensor([0.0, 1.0, 1.0, 0.0])))
+
+
+def test_ignore_index_zero_loss_and_margin_on_the_predicted_class():
+    logits = torch.tensor([[2.0, 0.5, -1.0], [0.1, 0.2, 3.0]])
+    y = torch.tensor([1, -100])
+    task = tt.Classification(ignore_index=-100)
+    loss = task.loss(logits, (None, y))
+    assert loss[1] == 0 and loss[0] > 0
+    margin = tt.Classification("margin", ignore_index=-100).measurement(logits, (None, y))
+    unlabeled = tt.Classification("margin").measurement(logits, torch.zeros(2, 1))
+    torch.testing.assert_close(margin[1], unlabeled[1])  # predicted class 2
+    assert repr(task) == "Classification(measurement='loss', ignore_index=-100)"
+    with pytest.raises(tt.ConfigurationError, match="ignore_index"):
+        tt.Classification(ignore_index=-100.0)
+
+
+def test_forward_error_names_text_columns_and_dtype_mismatch():
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.fc(x)
+
+    with pytest.raises(tt.BatchFormatError, match=r"keys \['text'\] are not tensors"):
+        tt.Classification().forward(Net(), {"x": torch.randn(2, 3), "text": ["a", "b"]})
+    with pytest.raises(tt.BatchFormatError, match=r"inputs are \['torch.float64'\]"):
+        tt.Classification().forward(Net(), (torch.randn(2, 3, dtype=torch.float64), None))

@@ -17,15 +17,32 @@ from traintrace.applications.local_ensembles import LocalEnsembles
 from traintrace.applications.spectrum import SpectrumResult, spectrum
 from traintrace.applications.unlearning import unlearn
 from traintrace.checkpoints import Checkpoint
-from traintrace.curvature import CG, EKFAC, KFAC, MFAC, Arnoldi, Exact, LiSSA
+from traintrace.curvature import (
+    CG,
+    EKFAC,
+    KFAC,
+    MFAC,
+    Arnoldi,
+    DampingSelection,
+    Exact,
+    LiSSA,
+    select_damping,
+)
 from traintrace.evaluation import MislabelDetection, mislabel_detection
 from traintrace.exceptions import (
     BatchFormatError,
     CheckpointMismatchError,
     ConfigurationError,
+    ConvergenceWarning,
     DataOrderError,
     DiskFullError,
+    EmptyDataError,
     FeatureMemoryError,
+    LabelError,
+    LearningRateError,
+    LearningRateWarning,
+    ModelDtypeError,
+    ModelOutputError,
     NonFiniteGradientError,
     NotFittedError,
     NotPositiveDefiniteError,
@@ -37,9 +54,14 @@ from traintrace.exceptions import (
     StoreMismatchError,
     StoreRewrittenError,
     TraintraceError,
+    TraintraceWarning,
+    UnsizedDataError,
 )
 from traintrace.features.projections import ProjectedGradients, Projection
 from traintrace.features.store import FeatureStore
+from traintrace.interfaces.config import RunConfig
+from traintrace.interfaces.report import report
+from traintrace.interfaces.results import save_scores, save_self_influence
 from traintrace.methods import (
     AME,
     HYDRA,
@@ -75,20 +97,28 @@ __all__ = [
     "Classification",
     "ClusterResult",
     "ConfigurationError",
+    "ConvergenceWarning",
+    "DampingSelection",
     "DataOrderError",
     "DiskFullError",
     "EmbeddingKNN",
+    "EmptyDataError",
     "Estimator",
     "Exact",
     "FaissIndex",
     "FeatureMemoryError",
     "FeatureStore",
     "InfluenceFunction",
+    "LabelError",
     "LanguageModeling",
+    "LearningRateError",
+    "LearningRateWarning",
     "LeaveOneOut",
     "LiSSA",
     "LocalEnsembles",
     "MislabelDetection",
+    "ModelDtypeError",
+    "ModelOutputError",
     "NonFiniteGradientError",
     "NotFittedError",
     "NotPositiveDefiniteError",
@@ -99,6 +129,7 @@ __all__ = [
     "RepresenterPoints",
     "Retrainer",
     "RetrainingError",
+    "RunConfig",
     "SolverDivergedError",
     "SpectrumResult",
     "StoreBusyError",
@@ -110,13 +141,19 @@ __all__ = [
     "TopK",
     "TracIn",
     "TraintraceError",
+    "TraintraceWarning",
     "TrajectoryRecorder",
+    "UnsizedDataError",
     "__version__",
     "cluster",
     "evaluate",
     "mislabel_detection",
     "query_measurement",
     "query_predictions",
+    "report",
+    "save_scores",
+    "save_self_influence",
+    "select_damping",
     "spectrum",
     "unlearn",
 ]

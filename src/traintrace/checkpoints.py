@@ -1,19 +1,30 @@
 """Layer 2 — checkpoints: saved parameters with the weight (learning rate) they carry in a sum.
 
-A :class:`Checkpoint` is a state dict (or a path to one saved with ``torch.save``) and the
-learning rate in force when it was saved. Files may hold a bare state dict or a training
-checkpoint dict with ``model_state_dict`` / ``state_dict`` / ``model`` and, optionally,
-``optimizer_state_dict`` / ``optimizer`` (the learning rate is then read from it when ``lr`` is
-not given).
+A :class:`Checkpoint` is a state dict, or a path to one, and the learning rate in force when it
+was saved. A path may be
 
-Checkpoints are never loaded *into* the user's model: estimators read the validated state and
-evaluate the model functionally (``torch.func.functional_call``), so the model is left as it was.
+* a file written by ``torch.save``: a bare state dict, or a training checkpoint dict with
+  ``model_state_dict`` / ``state_dict`` / ``model`` and, optionally, ``optimizer_state_dict`` /
+  ``optimizer`` (the learning rate is then read from it when ``lr`` is not given);
+* a ``.safetensors`` file;
+* a Hugging Face directory written by ``model.save_pretrained(dir)`` or a ``Trainer``
+  checkpoint directory (``checkpoint-500/``): weights from ``model.safetensors`` or
+  ``pytorch_model.bin``, or their sharded forms (``*.index.json``); the learning rate from
+  ``trainer_state.json`` (the rate logged at the checkpoint's step) or else ``optimizer.pt``.
+
+Every file is read without unpickling code (``torch.load(weights_only=True)``, safetensors),
+so a malicious checkpoint is refused, not run. Checkpoints are never loaded *into* the user's
+model: estimators read the validated state and evaluate the model functionally
+(``torch.func.functional_call``), so the model is left as it was.
 """
 
 from __future__ import annotations
 
 import hashlib
+import inspect
+import json
 import os
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,13 +32,19 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from traintrace.exceptions import CheckpointMismatchError, ConfigurationError
+from traintrace.data import tensor_bytes
+from traintrace.exceptions import CheckpointMismatchError, ConfigurationError, LearningRateWarning
+from traintrace.validation import learning_rate as _valid_lr
 
 __all__ = ["Checkpoint", "model_fingerprint", "require_checkpoint"]
 
 _STATE_KEYS = ("model_state_dict", "state_dict", "model")
 _OPTIMIZER_KEYS = ("optimizer_state_dict", "optimizer")
+_SCHEDULER_KEYS = ("scheduler", "lr_scheduler", "scheduler_state_dict", "lr_scheduler_state_dict")
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.compile
+# Hugging Face file names, in the order they are tried
+_HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+_HF_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
 
 def _is_state_dict(obj: Any) -> bool:
@@ -45,7 +62,135 @@ def _lr_from_optimizer(opt: Any, source: str) -> float | None:
             f"checkpoint {source}: the optimizer has parameter groups with different learning "
             f"rates {sorted(lrs)}; pass lr= to Checkpoint explicitly"
         )
-    return lrs.pop() if lrs else None
+    if not lrs:
+        return None
+    return _valid_lr(lrs.pop(), f"checkpoint {source}: the learning rate in its optimizer state")
+
+
+def _scheduler_note(opt: Mapping[str, Any], has_scheduler: bool) -> str | None:
+    """Why an optimizer's saved lr may be the next step's (a scheduler was attached), or None."""
+    initial = {float(g["initial_lr"]) for g in opt["param_groups"] if "initial_lr" in g}
+    if not initial and not has_scheduler:
+        return None
+    return (
+        "its optimizer state was saved with a learning-rate scheduler"
+        + (f" (initial_lr={sorted(initial)[0]:g})" if initial else "")
+        + ". If it was saved after scheduler.step() (as Hugging Face's Trainer and most training "
+        "loops do) the learning rate read is the one for the NEXT step or epoch, not the one in "
+        "force while these parameters were trained; pass Checkpoint(..., lr=η) with the rate "
+        "in force (scheduler.get_last_lr() before the step) to be exact and silence this warning"
+    )
+
+
+def _torch_load(path: str) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle errors (refused code), truncated files, non-torch files
+        raise CheckpointMismatchError(
+            f"could not read checkpoint file {path!r} ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}); traintrace loads files with "
+            "torch.load(weights_only=True), which refuses pickled code. Save tensors only: "
+            "torch.save(model.state_dict(), path), or model.save_pretrained(dir)"
+        ) from exc
+
+
+def _safetensors_load(path: str) -> dict[str, Tensor]:
+    try:
+        from safetensors.torch import load_file
+    except ImportError as exc:
+        raise ConfigurationError(
+            f"reading {path!r} needs the safetensors package: pip install safetensors "
+            "(or pip install 'traintrace[hf]')"
+        ) from exc
+    try:
+        return load_file(path, device="cpu")
+    except Exception as exc:
+        raise CheckpointMismatchError(
+            f"could not read safetensors file {path!r} ({type(exc).__name__}: {exc}); is it "
+            "complete? Re-save it with model.save_pretrained(dir)"
+        ) from exc
+
+
+def _load_weights_file(path: str) -> Any:
+    return _safetensors_load(path) if path.endswith(".safetensors") else _torch_load(path)
+
+
+def _load_hf_dir(path: str) -> dict[str, Tensor]:
+    """The state dict of a ``save_pretrained`` / Trainer checkpoint directory (shards merged)."""
+    for name in _HF_WEIGHTS:
+        file = os.path.join(path, name)
+        if os.path.isfile(file):
+            state = _load_weights_file(file)
+            if not _is_state_dict(state):
+                raise CheckpointMismatchError(f"{file!r} holds no state dict of tensors")
+            return dict(state)
+    for name in _HF_INDEXES:
+        index = os.path.join(path, name)
+        if not os.path.isfile(index):
+            continue
+        try:
+            with open(index) as fh:
+                weight_map = json.load(fh)["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise CheckpointMismatchError(
+                f"could not read the shard index {index!r} ({exc}); it should be JSON with a "
+                "'weight_map' from parameter names to shard files"
+            ) from exc
+        state: dict[str, Tensor] = {}
+        for shard in sorted(set(weight_map.values())):
+            shard_path = os.path.join(path, os.path.basename(str(shard)))
+            if not os.path.isfile(shard_path):
+                raise CheckpointMismatchError(
+                    f"shard {shard!r} listed in {index!r} is missing; copy the whole checkpoint "
+                    "directory"
+                )
+            loaded = _load_weights_file(shard_path)
+            if not _is_state_dict(loaded):
+                raise CheckpointMismatchError(f"shard {shard_path!r} holds no state dict")
+            state.update(loaded)
+        return state
+    found = sorted(os.listdir(path))[:12]
+    raise CheckpointMismatchError(
+        f"checkpoint directory {path!r} holds no model weights (files found: {found}); expected "
+        f"one of {list(_HF_WEIGHTS + _HF_INDEXES)}, as written by model.save_pretrained(dir) or a "
+        "Hugging Face Trainer"
+    )
+
+
+def _lr_from_trainer_state(path: str, name: str) -> float | None:
+    """The learning rate logged at the checkpoint's step in ``trainer_state.json``, or None."""
+    file = os.path.join(path, "trainer_state.json")
+    if not os.path.isfile(file):
+        return None
+    try:
+        with open(file) as fh:
+            state = json.load(fh)
+        history = state.get("log_history", [])
+        step = state.get("global_step")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise CheckpointMismatchError(
+            f"checkpoint {name}: could not read {file!r} ({exc}); pass lr= explicitly"
+        ) from exc
+    logged = [
+        (int(e.get("step", -1)), e["learning_rate"])
+        for e in history
+        if isinstance(e, Mapping) and "learning_rate" in e
+    ]
+    if step is not None:
+        logged = [(s, lr) for s, lr in logged if s <= int(step)]
+    if not logged:
+        return None
+    at, lr = max(logged, key=lambda t: t[0])
+    value = _valid_lr(lr, f"checkpoint {name}: the learning rate in trainer_state.json (step {at})")
+    if step is not None and at != int(step):
+        warnings.warn(
+            f"checkpoint {name}: trainer_state.json logs the learning rate last at step {at}, "
+            f"but the checkpoint is at step {step}; using {value:g}. Log at every save "
+            "(logging_steps dividing save_steps) or pass lr= explicitly",
+            LearningRateWarning,
+            stacklevel=4,
+        )
+    return value
 
 
 @dataclass
@@ -53,14 +198,22 @@ class Checkpoint:
     """Parameters ``θ_c`` saved during training and the weight ``w_c`` they get in a sum.
 
     Args:
-        state: a state dict, or a path to a file written by ``torch.save`` holding a state dict or
-            a training checkpoint (see the module docstring).
-        lr: the learning rate in force when the checkpoint was saved (TracIn's ``η_c``). When
-            omitted, it is read from an optimizer state saved in the same file.
-        name: a label for progress bars and error messages (defaults to the file name).
+        state: a state dict, or a path: a ``torch.save`` file (a state dict or a training
+            checkpoint), a ``.safetensors`` file, or a Hugging Face ``save_pretrained`` /
+            ``Trainer`` checkpoint directory (see the module docstring).
+        lr: the learning rate in force when the checkpoint was saved (TracIn's ``η_c``); a
+            finite number > 0. When omitted it is read from ``trainer_state.json`` (Trainer
+            directories) or from an optimizer state saved with the checkpoint; a rate read from
+            an optimizer state that had a scheduler attached gives a
+            :class:`~traintrace.exceptions.LearningRateWarning` (it is usually the next step's).
+        name: a label for progress bars and error messages (defaults to the file or directory
+            name).
 
     Cost: a file is read each time the state is needed, so a list of checkpoints does not hold
     every state in memory at once.
+
+    Raises:
+        LearningRateError: ``lr`` (given or read) is not a finite number > 0.
     """
 
     state: Mapping[str, Tensor] | str | os.PathLike[str]
@@ -70,32 +223,38 @@ class Checkpoint:
 
     def __post_init__(self) -> None:
         if isinstance(self.state, (str, os.PathLike)):
-            if not os.path.exists(self.state):
-                raise ConfigurationError(
-                    f"checkpoint file {os.fspath(self.state)!r} does not exist"
-                )
+            path = os.fspath(self.state)
+            if not os.path.exists(path):
+                raise ConfigurationError(f"checkpoint file {path!r} does not exist")
             if self.name is None:
-                self.name = os.path.basename(os.fspath(self.state))
+                self.name = os.path.basename(os.path.normpath(path))
         elif not isinstance(self.state, Mapping):
             raise ConfigurationError(
                 f"Checkpoint state must be a state dict or a path, got {type(self.state).__name__}"
             )
         if self.name is None:
             self.name = "checkpoint"
-        if self.lr is not None and not (float(self.lr) > 0 and float(self.lr) < float("inf")):
-            raise ConfigurationError(f"checkpoint {self.name}: lr must be positive, got {self.lr}")
+        if self.lr is not None:
+            self.lr = _valid_lr(self.lr, f"checkpoint {self.name}: lr")
+
+    @property
+    def _path(self) -> str | None:
+        return None if isinstance(self.state, Mapping) else os.fspath(self.state)
 
     # -- reading ---------------------------------------------------------------------------
     def _load_raw(self) -> Mapping[str, Any]:
-        if isinstance(self.state, Mapping):
-            return self.state
-        try:
-            return torch.load(os.fspath(self.state), map_location="cpu", weights_only=True)
-        except Exception as exc:  # pickle errors, truncated files, non-torch files
+        path = self._path
+        if path is None:
+            return self.state  # type: ignore[return-value]
+        if os.path.isdir(path):
+            return _load_hf_dir(path)
+        raw = _load_weights_file(path)
+        if not isinstance(raw, Mapping):
             raise CheckpointMismatchError(
-                f"could not read checkpoint file {os.fspath(self.state)!r} ({exc}); save it with "
-                "torch.save(model.state_dict(), path)"
-            ) from exc
+                f"checkpoint file {path!r} holds a {type(raw).__name__}, not a state dict; save "
+                "it with torch.save(model.state_dict(), path)"
+            )
+        return raw
 
     def load_state(self) -> dict[str, Tensor]:
         """The raw model state dict stored in this checkpoint (on the CPU for files)."""
@@ -110,24 +269,45 @@ class Checkpoint:
             f"expected a state dict or a dict with one of {list(_STATE_KEYS)}"
         )
 
+    def _read_lr(self) -> float | None:
+        path = self._path
+        name = str(self.name)
+        if path is not None and os.path.isdir(path):
+            lr = _lr_from_trainer_state(path, name)
+            if lr is not None:
+                return lr
+            opt_file = os.path.join(path, "optimizer.pt")
+            if not os.path.isfile(opt_file):
+                return None
+            opt = _torch_load(opt_file)
+            has_scheduler = os.path.isfile(os.path.join(path, "scheduler.pt"))
+        else:
+            raw = self._load_raw()
+            opt = next((raw[k] for k in _OPTIMIZER_KEYS if isinstance(raw.get(k), Mapping)), None)
+            has_scheduler = any(k in raw for k in _SCHEDULER_KEYS)
+        lr = _lr_from_optimizer(opt, name)
+        if lr is not None:
+            note = _scheduler_note(opt, has_scheduler)  # type: ignore[arg-type]
+            if note is not None:
+                warnings.warn(
+                    f"checkpoint {name}: using lr={lr:g} read from the optimizer state, but {note}",
+                    LearningRateWarning,
+                    stacklevel=3,
+                )
+        return lr
+
     @property
     def learning_rate(self) -> float:
-        """The weight ``η_c``: ``lr`` if given, else the optimizer's saved learning rate."""
+        """The weight ``η_c``: ``lr`` if given, else the rate saved with the checkpoint."""
         if self.lr is not None:
             return float(self.lr)
         if self._cached_lr is None:
-            raw = self._load_raw()
-            for key in _OPTIMIZER_KEYS:
-                lr = _lr_from_optimizer(
-                    raw.get(key) if isinstance(raw, Mapping) else None, str(self.name)
-                )
-                if lr is not None:
-                    self._cached_lr = lr
-                    break
+            self._cached_lr = self._read_lr()
         if self._cached_lr is None:
             raise ConfigurationError(
                 f"checkpoint {self.name} has no learning rate: pass Checkpoint(..., lr=η), the "
-                "learning rate in force when it was saved, or save the optimizer state with it"
+                "learning rate in force when it was saved, or save the optimizer state with it "
+                "(a Trainer checkpoint directory: trainer_state.json or optimizer.pt)"
             )
         return self._cached_lr
 
@@ -137,11 +317,12 @@ class Checkpoint:
         Raises:
             CheckpointMismatchError: listing missing, unexpected and mis-shaped keys.
         """
-        state = self.load_state()
         expected = model.state_dict()
+        tied = _tied_names(model)
+        state = _fill_tied(self.load_state(), tied)
         for prefix in _WRAPPER_PREFIXES:
             if set(state) != set(expected) and all(k.startswith(prefix) for k in state):
-                stripped = {k[len(prefix) :]: v for k, v in state.items()}
+                stripped = _fill_tied({k[len(prefix) :]: v for k, v in state.items()}, tied)
                 if set(stripped) == set(expected):
                     state = stripped
         missing = sorted(set(expected) - set(state))
@@ -168,12 +349,34 @@ class Checkpoint:
         return {k: state[k].to(device=v.device, dtype=v.dtype) for k, v in expected.items()}
 
     def fingerprint(self, model: nn.Module) -> str:
-        """A short hash of the validated state (stable across runs), for stores and caches."""
+        """A short hash of the validated state (stable across runs), for stores and caches.
+
+        Hashes every entry's name, dtype, shape and bytes (any dtype, bfloat16 included).
+        """
         h = hashlib.sha256()
         for k, v in sorted(self.state_for(model).items()):
-            h.update(k.encode())
-            h.update(v.detach().cpu().contiguous().numpy().tobytes())
+            h.update(f"{k}:{v.dtype}:{tuple(v.shape)};".encode())
+            h.update(tensor_bytes(v))
         return h.hexdigest()[:16]
+
+
+def _tied_names(model: nn.Module) -> dict[str, list[str]]:
+    """For every state-dict name, the other names of the same tensor (tied weights)."""
+    groups: dict[int, list[str]] = {}
+    for name, value in model.state_dict(keep_vars=True).items():
+        groups.setdefault(id(value), []).append(name)
+    return {n: [m for m in names if m != n] for names in groups.values() for n in names}
+
+
+def _fill_tied(state: dict[str, Tensor], tied: Mapping[str, list[str]]) -> dict[str, Tensor]:
+    """Add tied names a file leaves out (``save_pretrained`` stores GPT-2's ``lm_head`` once)."""
+    out = dict(state)
+    for name, others in tied.items():
+        if name not in out:
+            source = next((o for o in others if o in state), None)
+            if source is not None:
+                out[name] = state[source]
+    return out
 
 
 def _short(items: list[str], limit: int = 8) -> str:
@@ -193,11 +396,36 @@ def require_checkpoint(checkpoint: Any) -> Checkpoint:
 
 
 def model_fingerprint(model: nn.Module) -> str:
-    """A short hash of the architecture: class, and name, shape and dtype of every state entry.
+    """A short hash of the architecture: the module tree and the state's names, shapes, dtypes.
 
-    Stores record it so features computed for another architecture are refused.
+    Hashed: every module's name, type (module and qualified name) and ``extra_repr`` (so
+    ``nn.ReLU`` → ``nn.Tanh`` or a changed ``nn.Dropout(p)`` changes it, even with the same
+    state-dict shapes), the source of ``forward`` of module classes defined outside PyTorch (so
+    ``F.relu`` → ``torch.tanh`` inside a user's ``forward`` changes it; editing that method
+    changes it too), and every state entry's name, shape and dtype. Parameter *values* are not
+    hashed (see :meth:`Checkpoint.fingerprint`). Stores record it so features computed for
+    another architecture are refused.
     """
     h = hashlib.sha256(type(model).__qualname__.encode())
+    sources: dict[type, str] = {}
+    for name, module in model.named_modules():
+        kind = type(module)
+        h.update(f"{name}:{kind.__module__}.{kind.__qualname__}({module.extra_repr()});".encode())
+        if kind not in sources:
+            sources[kind] = _forward_source(kind)
+            h.update(sources[kind].encode())
     for name, value in model.state_dict().items():
         h.update(f"{name}:{tuple(value.shape)}:{value.dtype};".encode())
     return h.hexdigest()[:16]
+
+
+def _forward_source(kind: type) -> str:
+    """The source of a user-defined module class's ``forward`` ('' for PyTorch's own modules)."""
+    if kind.__module__.startswith("torch."):
+        return ""
+    forward = getattr(kind, "forward", None)
+    try:
+        return inspect.getsource(forward)  # type: ignore[arg-type]
+    except (OSError, TypeError):  # defined in a REPL or built in C
+        code = getattr(forward, "__code__", None)
+        return repr(code.co_code) if code is not None else ""

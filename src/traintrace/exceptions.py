@@ -75,13 +75,59 @@ class ConfigurationError(TraintraceError, ValueError):
     """An argument has a value outside what the function accepts."""
 
 
+class ConvergenceWarning(RuntimeWarning):
+    """An iterative solver stopped before reaching its tolerance; its result is approximate."""
+
+
+class EmptyDataError(ConfigurationError):
+    """A data set that must hold examples (the training set, the queries) has none."""
+
+
+class UnsizedDataError(ConfigurationError):
+    """A data set without a length (an iterable) was given where the number of examples is needed."""
+
+
+class LabelError(BatchFormatError, ValueError):
+    """Labels the task cannot use: out of range, an ignore index, float or soft labels.
+
+    The message names the examples (their index in the data set) and the values found.
+    """
+
+
+class ModelOutputError(BatchFormatError):
+    """The model's output is ambiguous or unreadable (a tuple of tensors without ``output=``)."""
+
+
+class LearningRateError(ConfigurationError):
+    """A learning rate (given or read from an optimizer state) that is not finite and > 0."""
+
+
+class ModelDtypeError(ConfigurationError):
+    """The model's parameters are in a precision traintrace does not compute in (bfloat16, float16)."""
+
+
+class TraintraceWarning(UserWarning):
+    """Base class of every warning traintrace issues on purpose."""
+
+
+class LearningRateWarning(TraintraceWarning):
+    """A learning rate read from a checkpoint may not be the one in force when it was saved."""
+
+
 __all__ = [
     "BatchFormatError",
     "CheckpointMismatchError",
     "ConfigurationError",
+    "ConvergenceWarning",
     "DataOrderError",
     "DiskFullError",
+    "EmptyDataError",
     "FeatureMemoryError",
+    "LabelError",
+    "LearningRateError",
+    "LearningRateWarning",
+    "ModelDtypeError",
+    "ModelOutputError",
     "NonFiniteGradientError",
     "NotFittedError",
     "NotPositiveDefiniteError",
@@ -93,4 +139,6 @@ __all__ = [
     "StoreMismatchError",
     "StoreRewrittenError",
     "TraintraceError",
+    "TraintraceWarning",
+    "UnsizedDataError",
 ]

@@ -99,7 +99,11 @@ def test_cluster_accepts_a_fitted_tracin():
     model = nn.Sequential(nn.Linear(4, 3))
     x, y = torch.randn(30, 4), torch.randint(0, 3, (30,))
     ckpts = [tt.Checkpoint(model.state_dict(), lr=0.1), tt.Checkpoint(model.state_dict(), lr=0.2)]
-    est = tt.TracIn(model, tt.Classification(), ckpts, progress=False).fit(TensorDataset(x, y))
+    streaming = tt.TracIn(model, tt.Classification(), ckpts, progress=False)
+    with pytest.raises(tt.ConfigurationError, match="projection"):
+        tt.cluster(streaming.fit(TensorDataset(x, y)), n_clusters=3)
+    est = tt.TracIn(model, tt.Classification(), ckpts, projection=12, progress=False)
+    est.fit(TensorDataset(x, y))
     result = tt.cluster(est, n_clusters=3)
     assert result.labels.shape == (30,)
     direct = tt.cluster(est.store_, n_clusters=3, weights=est.lrs)

@@ -121,3 +121,100 @@ def test_errors() -> None:
         spectrum(model, tt.Classification(), ckpt, data, top=5, iterations=3)
     with pytest.raises(ConfigurationError, match="curvature"):
         spectrum(model, tt.Classification(), ckpt, data, curvature="fisher")
+
+
+def _heavy_regression():
+    """Linear least squares where one example's input is 6× the others: a mini-batch holding it
+    has a far larger curvature than the full data (``C = (2/N) Σ x xᵀ``)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 4, dtype=DT, generator=g)
+    x[5] *= 6.0
+    y = torch.randn(32, 1, dtype=DT, generator=g)
+    model = nn.Linear(4, 1, bias=False).to(DT)
+    return model, TensorDataset(x, y), torch.randn(4, dtype=DT, generator=g)
+
+
+def test_batch_scaling_against_explicit_batch_eigenvalues() -> None:
+    model, data, _ = _heavy_regression()
+    x = data.tensors[0]
+    result = spectrum(
+        model,
+        tt.Regression(),
+        tt.Checkpoint(model.state_dict()),
+        data,
+        top=1,
+        density=False,
+        batch_sizes=[2, 8],
+        batch_samples=4,
+        batch_iterations=4,
+        seed=3,
+        progress=False,
+    )
+    scaling = result.batch_scaling
+    assert scaling is not None and scaling.batch_sizes == (2, 8) and scaling.num_examples == 32
+    full = torch.linalg.eigvalsh(2 * x.T @ x / 32)
+    assert scaling.full_top == pytest.approx(float(full[-1]), rel=1e-9)
+    # the same mini-batches as spectrum draws (seeded randperm), explicit 2 X_Bᵀ X_B / B
+    gen = torch.Generator().manual_seed(3)
+    for row, size in enumerate((2, 8)):
+        tops, mins = [], []
+        for _ in range(4):
+            idx = torch.randperm(32, generator=gen)[:size]
+            values = torch.linalg.eigvalsh(2 * x[idx].T @ x[idx] / size)
+            tops.append(float(values[-1]))
+            mins.append(float(values[0]))
+        assert float(scaling.top_mean[row]) == pytest.approx(sum(tops) / 4, rel=1e-8)
+        assert float(scaling.top_max[row]) == pytest.approx(max(tops), rel=1e-8)
+        assert float(scaling.min_mean[row]) == pytest.approx(sum(mins) / 4, rel=1e-6, abs=1e-9)
+    # mini-batch spectra are wider, and the 1/B fit says so
+    assert bool((scaling.top_mean > scaling.full_top).all()) and scaling.top_slope > 0
+    u = torch.tensor([1 / 2 - 1 / 32, 1 / 8 - 1 / 32], dtype=DT)
+    slope = float((u * (scaling.top_mean - scaling.full_top)).sum() / (u * u).sum())
+    assert scaling.top_slope == pytest.approx(slope)
+    assert scaling.predicted_top(32) == pytest.approx(scaling.full_top)
+    assert scaling.lissa_scale(2) >= 1.1 * float(scaling.top_max[0])
+    # damping grows with lr and with 1/B: δ = lift + η σ²_B + 1e-3 λ_max
+    d_small, d_large = scaling.suggested_damping(2, lr=0.1), scaling.suggested_damping(8, lr=0.1)
+    assert d_small > d_large > 0
+    variance = scaling.full_top * (scaling.predicted_top(2) - scaling.full_top)
+    lift = max(0.0, -scaling.predicted_min(2))
+    expected = lift + 0.1 * variance + 1e-3 * scaling.full_top
+    assert d_small == pytest.approx(expected)
+    assert scaling.suggested_damping(2, lr=0.2) > d_small
+    with pytest.raises(ConfigurationError, match="batch_sizes"):
+        spectrum(model, tt.Regression(), tt.Checkpoint(model.state_dict()), data, top=1,
+                 density=False, batch_sizes=[64], progress=False)  # fmt: skip
+
+
+def test_lissa_with_the_batch_aware_settings_converges_where_the_full_data_scale_diverges() -> None:
+    from torch.utils.data import DataLoader
+
+    from traintrace.curvature.operators import Hessian
+    from traintrace.curvature.solvers import LiSSA
+
+    model, data, b = _heavy_regression()
+    state = model.state_dict()
+    scaling = spectrum(
+        model, tt.Regression(), tt.Checkpoint(state), data, top=1, density=False,
+        batch_sizes=[2, 4, 8, 16], batch_samples=8, progress=False,
+    ).batch_scaling  # fmt: skip
+    damping = scaling.suggested_damping(2)
+    op = Hessian(
+        model, tt.Regression(), state, DataLoader(data, batch_size=2), damping=damping,
+        cache_batches=True,
+    )  # fmt: skip
+    matrix = op.dense()
+    exact = torch.linalg.solve(matrix, b)
+    full_scale = 1.1 * float(torch.linalg.eigvalsh(matrix)[-1])  # the full-data default
+    with pytest.raises(tt.SolverDivergedError, match="mini-batch"):
+        LiSSA(scale=full_scale, depth=300, stochastic=True).prepare(op).solve(b)
+    # the default scale of a stochastic LiSSA is batch-aware: above every batch's λ_max
+    inverse = LiSSA(depth=300, stochastic=True, residual_tol=0.2).prepare(op)
+    assert inverse.scale > 2 * full_scale
+    out = inverse.solve(b)
+    assert float((out - exact).norm() / exact.norm()) < 0.15  # measured 0.08
+    assert inverse.info.converged
+    # so is the scale the spectrum suggests for B = 2
+    suggested = LiSSA(scale=scaling.lissa_scale(2), depth=300, stochastic=True, residual_tol=None)
+    out = suggested.prepare(op).solve(b)
+    assert float((out - exact).norm() / exact.norm()) < 0.15  # measured 0.12

@@ -228,9 +228,10 @@ def test_stochastic_lissa_approximates_the_inverse() -> None:
         cache_batches=True,
     )
     expected = torch.linalg.solve(prob.hessian + 0.5 * torch.eye(op.dim, dtype=DT), prob.rhs[:, 0])
-    inverse = LiSSA(scale=4.0, depth=150, repeats=4, stochastic=True).prepare(op)
+    inverse = LiSSA(scale=4.0, depth=150, repeats=4, stochastic=True, residual_tol=0.15).prepare(op)
     assert rel_err(inverse.solve(prob.rhs[:, 0]), expected) < 0.1
     assert inverse.info.iterations == 600
+    assert 0 < inverse.info.residual < 0.15 and inverse.info.converged
 
 
 def test_arnoldi_low_rank_projection_and_scores() -> None:
@@ -375,3 +376,49 @@ def test_solve_checks_the_right_hand_side() -> None:
     )
     with pytest.raises(ConfigurationError, match="LiSSA\\(stochastic=True\\)"):
         LiSSA(stochastic=True).prepare(op)
+
+
+def test_truncated_lissa_warns_with_its_residual() -> None:
+    """A LiSSA series cut off early is far from A⁻¹b: a ConvergenceWarning says how far and how
+    many steps would do; a deep enough series is silent and records its residual."""
+    import warnings
+
+    from traintrace.exceptions import ConvergenceWarning
+
+    prob = problem("logreg")
+    expected = torch.linalg.solve(prob.matrix, prob.rhs)
+    shallow = LiSSA(depth=5).prepare(prob.operator)
+    with pytest.warns(ConvergenceWarning, match=r"residual .* > residual_tol=0.05.*steps would"):
+        out = shallow.solve(prob.rhs.T).T
+    residual = float(((prob.matrix @ out - prob.rhs).norm(dim=0) / prob.rhs.norm(dim=0)).max())
+    assert shallow.info.residual == pytest.approx(residual, rel=1e-8)
+    assert not shallow.info.converged and rel_err(out, expected) > 0.1
+    deep = LiSSA(depth=450).prepare(prob.operator)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        deep.solve(prob.rhs.T)
+    assert deep.info.converged and deep.info.residual < 1e-6
+    with pytest.raises(ConfigurationError, match="residual_tol"):
+        LiSSA(residual_tol=0.0)
+
+
+def test_batch_eigenvalue_range_is_the_extreme_over_batches() -> None:
+    from traintrace.curvature.solvers import batch_eigenvalue_range
+
+    prob = problem("logreg")
+    op = Hessian(prob.model, Classification(), prob.model.state_dict(), loader(prob.x, prob.y, 6))
+    lows, highs = [], []
+    for start in range(0, len(prob.y), 6):
+        sl = slice(start, start + 6)
+        values = torch.linalg.eigvalsh(brute_hessian(prob.model, prob.x[sl], prob.y[sl]))
+        lows.append(float(values[0]))
+        highs.append(float(values[-1]))
+    low, high = batch_eigenvalue_range(op, op.dim)
+    assert high == pytest.approx(max(highs), rel=1e-8)
+    assert low == pytest.approx(min(lows), rel=1e-6, abs=1e-9)
+    _, first_two = batch_eigenvalue_range(op, op.dim, max_batches=2)
+    assert first_two == pytest.approx(max(highs[:2]), rel=1e-8)
+    # the stochastic LiSSA default scale: 1.1 × the largest batch λ_max
+    assert LiSSA(stochastic=True, scale_iterations=op.dim).prepare(op).scale == pytest.approx(
+        1.1 * max(highs), rel=1e-8
+    )

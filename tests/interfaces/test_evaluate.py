@@ -30,6 +30,7 @@ def test_evaluate_ranks_every_estimator_and_writes_results(tmp_path):
         "GAS (cosine TracIn)",
         "IF exact Hessian",
         "IF EK-FAC",
+        "IF exact GGN (evidence damping)",
         "HYDRA",
         "AME",
     } <= names
@@ -38,8 +39,13 @@ def test_evaluate_ranks_every_estimator_and_writes_results(tmp_path):
     assert all(-1 <= r.lds <= 1 for r in ok)
     saved = json.loads((tmp_path / "results.json").read_text())
     assert len(saved["rows"]) == len(result.rows)
+    # the evidence-chosen damping is recorded beside the spectrum's, and maximizes the evidence
+    settings = saved["settings"]
+    assert settings["evidence_damping"] > 0
+    assert settings["log_evidence"] >= settings["log_evidence_at_damping"]
     html = (tmp_path / "report.html").read_text()
     assert "LDS" in html and "± s.e." in html and "data:image/png;base64," in html
+    assert "linearized-Laplace" in html
     # the retrains are cached: a second run reuses every one of them
     cached = list((tmp_path / "retrains").glob("*.npz"))
     assert len(cached) >= cfg.lds_subsets + cfg.loo_examples

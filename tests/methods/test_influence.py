@@ -183,7 +183,7 @@ def test_kronecker_paths_use_their_own_block_inverse(config):
     assert corr > 0.8, corr
 
 
-def test_arnoldi_low_rank_stores_only_r_coordinates():
+def test_arnoldi_low_rank_scores_and_self_influence_without_stored_gradients():
     model = tiny_mlp(4)
     x, y = tiny_data(seed=8)
     est = tt.InfluenceFunction(
@@ -194,7 +194,7 @@ def test_arnoldi_low_rank_stores_only_r_coordinates():
         damping=0.5,
         progress=False,
     ).fit(TensorDataset(x, y))
-    assert (est.store_.n, est.store_.width) == (24, 5)  # r coordinates per example, not P
+    assert not hasattr(est, "store_")  # nothing of size n × P (or n × r) is stored
     # equals the explicit formula with H⁻¹ replaced by its top-5 eigen-approximation
     h = explicit_hessian(model, x, y) + 0.5 * torch.eye(43, dtype=DT)
     vals, vecs = torch.linalg.eigh(h)
@@ -203,6 +203,9 @@ def test_arnoldi_low_rank_stores_only_r_coordinates():
     g = loop_gradients(model, model.state_dict(), list(zip(x, y, strict=True)), ce)
     torch.testing.assert_close(
         est.self_influence(), ((g @ approx) * g).sum(1) / 24, rtol=1e-6, atol=1e-12
+    )
+    torch.testing.assert_close(
+        est.score(TensorDataset(x, y)), (g @ approx @ g.T) / 24, rtol=1e-6, atol=1e-12
     )
 
 

@@ -352,3 +352,168 @@ def test_query_measurement_and_predictions_from_a_task():
     )
     with pytest.raises(tt.ConfigurationError, match=r"nn\.Module"):
         measure(np.zeros(3))
+
+
+# -- faults: altered cache files, a killed driver -----------------------------------------------
+
+
+def _rewrite_cached_measurement(path: Path, measurement: np.ndarray) -> None:
+    with np.load(path, allow_pickle=False) as f:
+        fields = {k: f[k] for k in f.files}
+    fields["measurement"] = measurement
+    with open(path, "wb") as fh:
+        np.savez(fh, **fields)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_cached_run_with_non_finite_values_is_refused(tmp_path: Path, bad: float):
+    eng = engine(cache_dir=tmp_path, experiment="ridge")
+    clean = eng.run([(np.arange(5), 0), (np.arange(6), 0)])
+    path = tmp_path / f"{eng._key(np.arange(6), 0)[:40]}.npz"
+    good = np.load(path)["measurement"]
+    _rewrite_cached_measurement(path, np.array([good[0], bad, good[2]]))
+    counter = CountingRidge()
+    with pytest.raises(RetrainingError, match="non-finite measurement for 1 of 3") as info:
+        engine(counter, cache_dir=tmp_path, experiment="ridge").run([(np.arange(6), 0)])
+    assert str(path) in str(info.value) and f"rm '{path}'" in str(info.value)
+    assert counter.calls == 0  # refused, not silently retrained or averaged in
+    path.unlink()  # what the message says to do
+    again = engine(counter, cache_dir=tmp_path, experiment="ridge").run(
+        [(np.arange(5), 0), (np.arange(6), 0)]
+    )
+    assert counter.calls == 1
+    torch.testing.assert_close(again, clean, rtol=0, atol=0)
+
+
+def test_cached_run_of_the_wrong_shape_is_refused(tmp_path: Path):
+    eng = engine(cache_dir=tmp_path, experiment="ridge")
+    eng.run([(np.arange(5), 0)])
+    (path,) = tmp_path.glob("*.npz")
+    _rewrite_cached_measurement(path, np.ones((3, 2)))
+    with pytest.raises(RetrainingError, match=r"shape \(3, 2\).*Delete it"):
+        eng.run([(np.arange(5), 0)])
+
+
+_DRIVER = """
+import os, sys, time
+import numpy as np
+import traintrace as tt
+
+def train_fn(indices, seed):
+    # announce this worker, then train "forever"
+    with open(os.path.join(sys.argv[1], f"worker-{os.getpid()}"), "w") as fh:
+        fh.write(str(os.getppid()))
+    time.sleep(120)
+    return np.zeros(1)
+
+def measure(model):
+    return model
+
+if __name__ == "__main__":
+    engine = tt.Retrainer(train_fn, measure, max_workers=2, threads_per_worker=1, progress=False)
+    engine.run([(np.arange(3), s) for s in range(4)])
+"""
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie waiting to be reaped counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
+def test_killing_the_driver_ends_its_pool_workers(tmp_path: Path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "driver.py"
+    script.write_text(_DRIVER)
+    src = Path(tt.__file__).resolve().parents[1]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(src), os.environ.get("PYTHONPATH", "")]),
+    }
+    env["OMP_NUM_THREADS"] = "1"
+    driver = subprocess.Popen([sys.executable, str(script), str(tmp_path)], env=env)
+    workers: list[int] = []
+    try:
+        deadline = time.monotonic() + 120  # two spawned workers import torch on a busy box
+        while len(workers) < 2 and time.monotonic() < deadline and driver.poll() is None:
+            time.sleep(0.1)
+            workers = [int(p.name.split("-")[1]) for p in tmp_path.glob("worker-*")]
+        assert len(workers) == 2, f"workers did not start (driver exit code {driver.poll()})"
+        for p in tmp_path.glob("worker-*"):  # the driver is their parent
+            assert int(p.read_text() or driver.pid) == driver.pid
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+        deadline = time.monotonic() + 10
+        while any(map(_alive, workers)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(map(_alive, workers)), "pool workers outlived their killed driver"
+    finally:
+        driver.kill()
+        for pid in workers:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+class SubmitOnlyExecutor(concurrent.futures.Executor):
+    """The shape of the README's Ray adapter: only ``submit``, arguments serialized, bare Futures.
+
+    Runs execute at submission (in this thread), like remote tasks that finished before the
+    driver looked at them.
+    """
+
+    def __init__(self) -> None:
+        self.submitted = 0
+
+    def submit(self, fn, /, *args, **kwargs):
+        import pickle
+
+        fn, args, kwargs = pickle.loads(pickle.dumps((fn, args, kwargs)))  # sent to a "worker"
+        self.submitted += 1
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        try:
+            fut.set_result(fn(*args, **kwargs))
+        except Exception as exc:
+            fut.set_exception(exc)
+        return fut
+
+
+class FailsOnSeed:
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+
+    def __call__(self, indices, seed):
+        if seed == self.seed:
+            raise RuntimeError("worker lost")
+        return query_loss(ridge_train(indices, seed))
+
+
+def test_submit_only_executor_and_runs_finished_beside_a_failure_are_cached(tmp_path: Path):
+    runs = [(np.arange(N_TRAIN), s) for s in range(6)]
+    ex = SubmitOnlyExecutor()
+    eng = Retrainer(measure_fn=FailsOnSeed(0), executor=ex, progress=False)
+    with pytest.raises(RetrainingError, match=r"seed=0.*worker lost"):
+        eng.run(runs)
+    # the failed run comes first, but the 5 that had also finished are kept for the resume
+    cached = Retrainer(
+        measure_fn=FailsOnSeed(0), executor=ex, progress=False, cache_dir=tmp_path, experiment="x"
+    )
+    with pytest.raises(RetrainingError, match="seed=0"):
+        cached.run(runs)
+    assert cached.cached(runs) == 5
+    resumed = Retrainer(
+        measure_fn=FailsOnSeed(-1), executor=ex, progress=False, cache_dir=tmp_path, experiment="x"
+    )
+    before = ex.submitted
+    out = resumed.run(runs)
+    assert ex.submitted - before == 1  # only the failed run again
+    expected = np.stack([query_loss(ridge_train(np.arange(N_TRAIN), s)) for s in range(6)])
+    np.testing.assert_allclose(out.numpy(), expected, rtol=1e-12)

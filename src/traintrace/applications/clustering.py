@@ -86,6 +86,12 @@ def unit_features(
 
     All rows are held in memory (``4 n d`` bytes). Rows with zero norm stay zero.
     """
+    if getattr(features, "streaming", False):
+        raise ConfigurationError(
+            f"this {type(features).__name__} streams exact scores and keeps no training features "
+            "to cluster; fit one with a projection (projection=4096) or a store= path, whose "
+            "features are kept on disk"
+        )
     if hasattr(features, "store_") or hasattr(features, "train_features_"):
         if weights is None:
             weights = getattr(features, "lrs", None)

@@ -1,4 +1,6 @@
-"""Unlearning by one Newton step (Koh & Liang, ICML 2017; METHODS.md §4).
+"""Unlearning by one Newton step (Koh & Liang, ICML 2017; METHODS.md §4), on every parameter
+or on a selected block (after L-CODEC: Mehta, Pal, Singh, Ravi, "Deep Unlearning via Randomized
+Conditionally Independent Hessians", CVPR 2022).
 
 Removing a set ``R`` of training examples from a model trained to a minimum ``θ`` of the mean
 training objective moves the minimum, to first order, by ``(1/n) H⁻¹ Σ_{z∈R} ∇l(z, θ)``: the
@@ -10,6 +12,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -18,15 +21,15 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from traintrace.checkpoints import Checkpoint, require_checkpoint
-from traintrace.curvature import KFAC, MFAC, Exact, Solver, make_solver
-from traintrace.curvature.operators import curvature_operator
+from traintrace.curvature import KFAC, MFAC, Exact, MatrixOperator, Solver, make_solver
+from traintrace.curvature.operators import CurvatureOperator, curvature_operator
 from traintrace.data import as_loader, batch_size_of, dataset_length, iterate_batches
 from traintrace.exceptions import ConfigurationError
 from traintrace.features.gradients import GradientComputer
 from traintrace.features.params import Layers
 from traintrace.task import Task, require_task
 
-__all__ = ["unlearn"]
+__all__ = ["SelectParameters", "unlearn"]
 
 
 def _indices(examples: object, n: int) -> list[int] | None:
@@ -74,6 +77,164 @@ def _subset_loader(train: Dataset | DataLoader, indices: list[int], batch_size: 
     return DataLoader(Subset(train, indices), batch_size=batch_size)
 
 
+@dataclass(frozen=True)
+class SelectParameters:
+    """How ``unlearn(..., parameters=...)`` chooses the parameter block it updates.
+
+    **Rule: greedy forward selection by conditional saliency.** Let ``g = Σ_{z∈R} ∇l̃(z, θ)`` be
+    the removed examples' summed gradient (L2 term included), ``H = C + λI`` the damped curvature
+    of the step and ``d_j = |H_jj|`` its diagonal. Starting from the empty block ``S``, each of
+    ``rounds`` rounds
+
+    1. computes the residual ``r = g − H_{:,S} H_SS⁻¹ g_S`` — the gradient of the quadratic model
+       of the retraining objective after the Newton step restricted to ``S`` (``r = g`` at first;
+       ``r_S = 0``): the part of the removal's pull that the block does not explain yet;
+    2. scores every parameter outside ``S`` by its *conditional saliency* ``r_j² / d_j`` — twice
+       the further decrease of the quadratic model from adding a Newton step in coordinate ``j``
+       alone (Optimal Brain Damage's saliency of the removal gradient, conditioned on ``S``);
+    3. adds the ``⌈k_max / rounds⌉`` highest to ``S`` and computes their columns ``H e_j``.
+
+    It stops when the remaining saliency ``Σ_{j∉S} r_j² / d_j`` falls below ``1 − mass`` of the
+    initial ``Σ_j g_j² / d_j``, or at ``k_max`` parameters (``fraction · P`` if given, else
+    ``min(max_fraction · P, max_parameters)``). The update is the Newton step on ``S``,
+    ``H_SS⁻¹ g_S`` — the ``H``-orthogonal projection of the full Newton step onto ``S``, so never
+    farther from it in the ``H``-norm than ``θ`` is.
+
+    **Why this and not L-CODEC's estimator.** L-CODEC (Mehta et al., CVPR 2022) finds a Markov
+    blanket of the parameters with FOCI: forward stepwise selection that adds, at each step, the
+    variable most dependent on the target *given those already selected*, measured by the CODEC
+    coefficient (Azadkia & Chatterjee) on samples from many randomly perturbed copies of the
+    network — hundreds of forward passes and a nearest-neighbour ranking per selected variable.
+    Here the same forward-selection structure is kept, with the conditional dependence replaced
+    by the exact second-order quantity the Newton step cares about (the residual saliency above,
+    i.e. orthogonal matching pursuit in the ``H``-metric). It is deterministic, needs no
+    perturbation samples, and costs only what the block solve needs anyway: the ``k`` columns of
+    ``H`` (in ``rounds`` batched passes), a curvature diagonal and ``rounds`` dense solves of size
+    ``≤ k``. Ranking once by the unconditioned ``g_j² / d_j`` (``rounds=1``) ignores the coupling
+    between parameters: on multinomial logistic regression over digits it lands at 0.63 of the
+    original distance to the retrain with 10% of the parameters, against 0.40 for 8 rounds and
+    0.39 for an oracle ranking by the full Newton step (``benchmarks/unlearning_select.py``).
+
+    Args:
+        mass: stop once the block explains this fraction of the initial saliency, in ``(0, 1]``.
+        fraction: select exactly ``⌈fraction · P⌉`` parameters instead (``(0, 1]``).
+        max_fraction: never more than this fraction of ``P``.
+        max_parameters: never more than this many (the dense block is ``k × k``).
+        rounds: forward-selection rounds (each one batched pass of curvature products).
+        diagonal: ``"exact"`` (``P`` products), ``"hutchinson"`` (``probes`` products,
+            Rademacher, ``E[v ⊙ H v] = diag H``), or ``"auto"`` (exact when ``P <= 128``).
+        probes: Hutchinson probes.
+        seed: Hutchinson seed.
+    """
+
+    mass: float = 0.9
+    fraction: float | None = None
+    max_fraction: float = 0.5
+    max_parameters: int = 2048
+    rounds: int = 8
+    diagonal: Literal["auto", "exact", "hutchinson"] = "auto"
+    probes: int = 64
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        names = ("mass", "max_fraction") + (("fraction",) if self.fraction is not None else ())
+        for name in names:
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and 0 < value <= 1):
+                raise ConfigurationError(
+                    f"SelectParameters.{name} must be in (0, 1], got {value!r}"
+                )
+        for name in ("max_parameters", "probes", "rounds"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigurationError(
+                    f"SelectParameters.{name} must be an integer >= 1, got {value!r}"
+                )
+        if self.diagonal not in ("auto", "exact", "hutchinson"):
+            raise ConfigurationError(
+                "SelectParameters.diagonal must be 'auto', 'exact' or 'hutchinson', got "
+                f"{self.diagonal!r}"
+            )
+
+    def curvature_diagonal(self, operator: CurvatureOperator) -> Tensor:
+        """``diag(C + λI)`` (``[P]``): exact from ``P`` products, or Hutchinson's estimate."""
+        p = operator.dim
+        exact = self.diagonal == "exact" or (self.diagonal == "auto" and p <= 128)
+        if exact:
+            eye = torch.eye(p, dtype=operator.dtype, device=operator.device)
+            return torch.cat(
+                [
+                    operator.matmat(eye[:, i : i + 64])[i : i + 64].diagonal()
+                    for i in range(0, p, 64)
+                ]
+            )
+        generator = torch.Generator().manual_seed(self.seed)
+        total = torch.zeros(p, dtype=operator.dtype, device=operator.device)
+        for start in range(0, self.probes, 64):
+            k = min(64, self.probes - start)
+            signs = torch.randint(0, 2, (p, k), generator=generator) * 2 - 1
+            v = signs.to(dtype=operator.dtype, device=operator.device)
+            total += (v * operator.matmat(v)).sum(1)
+        return total / self.probes
+
+    def max_selected(self, p: int) -> int:
+        """``k_max`` for ``P = p`` parameters."""
+        if self.fraction is not None:
+            cap = math.ceil(self.fraction * p)
+        else:
+            cap = math.floor(self.max_fraction * p) or 1
+        return max(1, min(cap, self.max_parameters, p))
+
+    def select_and_solve(
+        self, operator: CurvatureOperator, gradient: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """Greedy forward selection (see the class docstring) and the block's Newton step.
+
+        Returns:
+            ``(indices [k], step [P])``: the selected parameters (ascending) and
+            ``H_SS⁻¹ g_S`` scattered into a zero vector.
+        """
+        p = operator.dim
+        g = gradient.to(dtype=operator.dtype, device=operator.device)
+        diag = self.curvature_diagonal(operator).abs().clamp_min(torch.finfo(g.dtype).tiny)
+        cap = self.max_selected(p)
+        per_round = max(1, math.ceil(cap / self.rounds))
+        total = float((g * g / diag).sum())
+        chosen = torch.zeros(p, dtype=torch.bool, device=g.device)
+        indices = torch.zeros(0, dtype=torch.long, device=g.device)
+        columns = torch.zeros(p, 0, dtype=g.dtype, device=g.device)
+        residual, delta = g, torch.zeros(0, dtype=g.dtype, device=g.device)
+        while indices.numel() < cap:
+            saliency = residual * residual / diag
+            saliency[chosen] = -1.0
+            left = float(saliency.clamp_min(0).sum())
+            if self.fraction is None and left <= (1.0 - self.mass) * total:
+                break
+            take = min(per_round, cap - indices.numel())
+            new = torch.argsort(saliency, descending=True)[:take]
+            chosen[new] = True
+            indices = torch.cat([indices, new])
+            columns = torch.cat([columns, _columns(operator, new)], dim=1)
+            block = columns[indices]
+            inverse = Exact().prepare(MatrixOperator(0.5 * (block + block.T)))
+            delta = inverse.solve(g[indices])
+            residual = g - columns @ delta
+        step = torch.zeros(p, dtype=g.dtype, device=g.device)
+        step[indices] = delta
+        return indices.sort().values, step
+
+
+def _columns(operator: CurvatureOperator, indices: Tensor) -> Tensor:
+    """``H e_j`` for ``j`` in ``indices``: ``[P, len(indices)]`` in batches of 64 columns."""
+    p, out = operator.dim, []
+    for start in range(0, indices.numel(), 64):
+        cols = indices[start : start + 64]
+        e = torch.zeros(p, cols.numel(), dtype=operator.dtype, device=operator.device)
+        e[cols, torch.arange(cols.numel(), device=e.device)] = 1.0
+        out.append(operator.matmat(e))
+    return torch.cat(out, dim=1)
+
+
 def unlearn(
     model: nn.Module,
     task: Task,
@@ -87,6 +248,7 @@ def unlearn(
     damping: float = 0.0,
     hessian_of: Literal["full", "remaining"] = "full",
     layers: Layers = None,
+    parameters: Literal["all", "select"] | SelectParameters = "all",
     batch_size: int = 64,
     progress: bool = True,
 ) -> dict[str, Tensor]:
@@ -128,6 +290,22 @@ def unlearn(
     retraining from the same minimum only locally (Bae et al. 2022) — check on a small model
     before trusting it.
 
+    **Selective unlearning** (``parameters="select"`` or a :class:`SelectParameters`): only a
+    block ``S`` of the parameters most relevant to the removed examples moves, by the Newton step
+    restricted to it,
+
+        θ_S ← θ_S + s · (C_SS + (l2 + damping) I)⁻¹ g_S,    every other parameter unchanged,
+
+    (``s`` = ``1/n`` or ``1/(n−r)`` and ``C`` as above; ``g = Σ_{z∈R} ∇l̃``), a small dense solve
+    of size ``k = |S|``. ``S`` is chosen by greedy forward selection on the conditional saliency
+    ``r_j² / (C_jj + λ)`` of the residual removal gradient (a cheaper stand-in for L-CODEC's
+    Markov-blanket selection; see :class:`SelectParameters` for the rule and why). The step is
+    the ``H``-orthogonal projection of the full Newton step onto ``S``. Needs ``hessian=Exact()``
+    (the block is solved densely). Cost: the curvature diagonal (``P`` products when
+    ``P <= 128``, else ``probes`` products in one batched pass) plus ``k`` products for the
+    block's columns (in ``rounds`` passes) and ``O(rounds · k³)``, instead of ``P`` products and
+    ``O(P³)`` for the full exact step.
+
     Args:
         model, task, checkpoint: the network, its loss and the trained parameters ``θ``.
         examples: the removed set ``R``: indices into ``train`` (iteration order), or a
@@ -141,6 +319,9 @@ def unlearn(
         damping: extra ``λ ≥ 0`` added to the curvature.
         hessian_of: ``"full"`` or ``"remaining"`` (see above).
         layers: parameters to update (see :func:`~traintrace.features.params.select_parameters`).
+        parameters: ``"all"`` (the full Newton step on ``layers``), ``"select"`` (a block chosen
+            with the default :class:`SelectParameters`), or a configured
+            :class:`SelectParameters`.
         batch_size: used when ``train`` / ``examples`` are Datasets.
         progress: show a progress bar over the removed examples.
 
@@ -159,6 +340,27 @@ def unlearn(
     for name, value in (("l2", l2), ("damping", damping)):
         if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
             raise ConfigurationError(f"{name} must be a finite number >= 0, got {value!r}")
+    if isinstance(parameters, str) and parameters not in ("all", "select"):
+        raise ConfigurationError(
+            f"parameters must be 'all', 'select' or a SelectParameters(...), got {parameters!r}"
+        )
+    select = (
+        SelectParameters()
+        if parameters == "select"
+        else (parameters if isinstance(parameters, SelectParameters) else None)
+    )
+    if select is None and not isinstance(parameters, str):
+        raise ConfigurationError(
+            f"parameters must be 'all', 'select' or a SelectParameters(...), got "
+            f"{type(parameters).__name__}"
+        )
+    if select is not None and not (
+        isinstance(hessian, Exact) or (isinstance(hessian, str) and hessian.lower() == "exact")
+    ):
+        raise ConfigurationError(
+            f"parameters='select' solves the selected block densely; leave hessian=Exact() (got "
+            f"{hessian!r}), or use parameters='all' with that solver"
+        )
     if hessian_of not in ("full", "remaining"):
         raise ConfigurationError(
             f"hessian_of must be 'full' (Koh & Liang: the full-data Hessian) or 'remaining' "
@@ -211,7 +413,19 @@ def unlearn(
         curvature_data = loader
         scale = 1.0 / n
 
-    if isinstance(hessian, KFAC):
+    if select is not None:
+        operator = curvature_operator(
+            curvature,
+            model,
+            task,
+            state,
+            curvature_data,
+            layers=layers,
+            damping=damping + l2,
+            allowed=("hessian", "ggn", "fisher"),
+        )
+        _, step = select.select_and_solve(operator, total)
+    elif isinstance(hessian, KFAC):
         if damping != 0:
             raise ConfigurationError(
                 f"with {type(hessian).__name__} the damping is the config's own "

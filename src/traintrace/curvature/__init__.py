@@ -8,6 +8,7 @@ factored approximations return inverse operators whose ``solve`` takes a vector 
 
 from traintrace.curvature.kfac import EKFAC, KFAC, KroneckerInverse
 from traintrace.curvature.lanczos import SpectralDensity, lanczos, slq_density, top_eigenpairs
+from traintrace.curvature.laplace import DampingSelection, LaplaceEvidence, select_damping
 from traintrace.curvature.operators import (
     CurvatureOperator,
     EmpiricalFisher,
@@ -35,12 +36,14 @@ __all__ = [
     "MFAC",
     "Arnoldi",
     "CurvatureOperator",
+    "DampingSelection",
     "EmpiricalFisher",
     "Exact",
     "GaussNewton",
     "Hessian",
     "InverseOperator",
     "KroneckerInverse",
+    "LaplaceEvidence",
     "LiSSA",
     "LowRankInverse",
     "MatrixOperator",
@@ -49,6 +52,7 @@ __all__ = [
     "WoodburyInverse",
     "lanczos",
     "make_solver",
+    "select_damping",
     "slq_density",
     "top_eigenpairs",
 ]

@@ -45,6 +45,7 @@ from traintrace.curvature.operators import (
 )
 from traintrace.exceptions import (
     ConfigurationError,
+    ConvergenceWarning,
     NotPositiveDefiniteError,
     SolverDivergedError,
 )
@@ -63,6 +64,7 @@ __all__ = [
     "SolveInfo",
     "Solver",
     "WoodburyInverse",
+    "batch_eigenvalue_range",
     "make_solver",
 ]
 
@@ -354,7 +356,7 @@ class CGInverse(InverseOperator):
             )
             if cfg.on_nonconvergence == "raise":
                 raise SolverDivergedError(message + " (Or CG(on_nonconvergence='warn').)")
-            warnings.warn(message, RuntimeWarning, stacklevel=3)
+            warnings.warn(message, ConvergenceWarning, stacklevel=3)
         return x
 
 
@@ -370,18 +372,33 @@ class LiSSA(Solver):
     damped curvature of the ``j``-th mini-batch (cycling through the batches). The series
     converges to ``A⁻¹ b`` iff every eigenvalue of ``A`` lies in ``(0, 2s)``; the error shrinks by
     ``max |1 − λ/s|`` per step (about ``1 − λ_min/s``), so ``depth ≈ (s/λ_min) · log(1/tol)``.
+    With mini-batches every ``A_j`` must have its eigenvalues in ``(0, 2s)``, and a mini-batch's
+    curvature has larger extreme eigenvalues than the full data's (Granziol, Zohren, Roberts,
+    "Learning rates as a function of batch size: a random matrix theory approach", JMLR 2022):
+    the recursion is SGD with step ``1/s`` on ``½ xᵀAx − bᵀx``, whose stable step is set by the
+    *batch* ``λ_max``.
 
     Args:
-        scale: ``s``. Default (None): ``1.1 ×`` the largest eigenvalue of ``A`` estimated by
-            ``scale_iterations`` Lanczos steps.
+        scale: ``s``. Default (None): ``1.1 ×`` the largest eigenvalue estimated by
+            ``scale_iterations`` Lanczos steps — of the full operator, or, with ``stochastic``,
+            the largest over the first ``scale_batches`` mini-batches actually used (the
+            batch-aware scale; a full-data scale can diverge on a mini-batch whose ``λ_max`` is
+            above ``2s``). ``tt.spectrum(..., batch_sizes=[...])`` reports how the batch
+            ``λ_max`` grows as the batch shrinks.
         depth: recursion depth (operator products per repeat).
         repeats: independent recursions averaged (only useful with ``stochastic``).
         stochastic: one mini-batch product per step (``batch_matmat`` of a model operator)
             instead of the full operator — cheaper steps, noisy result.
         scale_iterations: Lanczos steps for the default scale and for the divergence report.
+        scale_batches: mini-batches whose ``λ_max`` sets the default scale when stochastic.
         divergence_threshold: declare divergence when an update ``‖v_j − v_{j−1}‖`` exceeds this
             multiple of ``‖b‖`` (for the full operator the updates never grow when the series
             converges) or becomes non-finite.
+        residual_tol: after the recursion, the relative residual ``‖A x − b‖ / ‖b‖`` (full
+            operator, one extra product for all columns) is computed and a
+            :class:`~traintrace.exceptions.ConvergenceWarning` is issued when its largest value
+            exceeds this (a truncated series returns a biased answer: raise ``depth``). ``None``
+            skips the check and its product.
         seed: Lanczos start vector seed.
 
     Raises:
@@ -389,7 +406,7 @@ class LiSSA(Solver):
             scale (``2 ×`` the estimated top eigenvalue) — and a damping when ``λ_min <= 0``.
 
     Cost: ``repeats × depth`` products (mini-batch ones when stochastic) per solve, all
-    right-hand-side columns at once.
+    right-hand-side columns at once, plus one full product for the residual.
     """
 
     name: ClassVar[str] = "lissa"
@@ -398,7 +415,9 @@ class LiSSA(Solver):
     repeats: int = 1
     stochastic: bool = False
     scale_iterations: int = 20
+    scale_batches: int = 16
     divergence_threshold: float = 10.0
+    residual_tol: float | None = 0.05
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -411,6 +430,7 @@ class LiSSA(Solver):
         _positive_int("depth", self.depth, "LiSSA")
         _positive_int("repeats", self.repeats, "LiSSA")
         _positive_int("scale_iterations", self.scale_iterations, "LiSSA")
+        _positive_int("scale_batches", self.scale_batches, "LiSSA")
         if not isinstance(self.stochastic, bool):
             raise ConfigurationError(
                 f"LiSSA.stochastic must be True or False, got {self.stochastic!r}"
@@ -424,6 +444,12 @@ class LiSSA(Solver):
             raise ConfigurationError(
                 f"LiSSA.divergence_threshold must be > 1, got {self.divergence_threshold!r}"
             )
+        if self.residual_tol is not None and not (
+            isinstance(self.residual_tol, (int, float)) and self.residual_tol > 0
+        ):
+            raise ConfigurationError(
+                f"LiSSA.residual_tol must be a number > 0 or None, got {self.residual_tol!r}"
+            )
 
     def prepare(self, operator: CurvatureOperator) -> LiSSAInverse:
         if self.stochastic and not isinstance(operator, ModelCurvatureOperator):
@@ -433,13 +459,57 @@ class LiSSA(Solver):
             )
         scale = self.scale
         if scale is None:
-            lam_min, lam_max = _eigenvalue_range(operator, self.scale_iterations, self.seed)
+            if self.stochastic:
+                lam_min, lam_max = batch_eigenvalue_range(
+                    operator,  # type: ignore[arg-type]
+                    self.scale_iterations,
+                    self.seed,
+                    max_batches=self.scale_batches,
+                )
+            else:
+                lam_min, lam_max = _eigenvalue_range(operator, self.scale_iterations, self.seed)
             if lam_max <= 0:
                 raise NotPositiveDefiniteError(
                     _not_pd_message("LiSSA scale estimate", operator.damping, lam_min, lam_max)
                 )
             scale = 1.1 * lam_max
         return LiSSAInverse(operator, self, float(scale))
+
+
+def batch_eigenvalue_range(
+    operator: ModelCurvatureOperator,
+    iterations: int,
+    seed: int = 0,
+    *,
+    max_batches: int | None = None,
+) -> tuple[float, float]:
+    """Extreme Ritz values over mini-batches: ``(min_B λ_min(A_B), max_B λ_max(A_B))``.
+
+    ``A_B = (1/|B|) Σ_{i∈B} C(z_i) + λI`` for each of the first ``max_batches`` batches of the
+    operator (all when None), ``iterations`` Lanczos steps each. Cost: ``iterations`` mini-batch
+    products per batch.
+    """
+    lowest, highest = math.inf, -math.inf
+    for count, batch in enumerate(operator.iter_batches()):
+        if max_batches is not None and count >= max_batches:
+            break
+
+        def product(v: Tensor, batch: Any = batch) -> Tensor:
+            return operator.batch_matmat(v.unsqueeze(1), batch).squeeze(1)
+
+        result = lanczos(
+            product,
+            operator.dim,
+            iterations,
+            seed=seed,
+            dtype=operator.dtype,
+            device=operator.device,
+        )
+        values = torch.linalg.eigvalsh(result.tridiagonal)
+        lowest, highest = min(lowest, float(values[0])), max(highest, float(values[-1]))
+    if not math.isfinite(highest):
+        raise ConfigurationError("the operator's batches are empty: no eigenvalue to estimate")
+    return lowest, highest
 
 
 def _eigenvalue_range(
@@ -500,8 +570,45 @@ class LiSSAInverse(InverseOperator):
                     self._diverged(rep, step, float((update / bnorm.clamp_min(1e-300)).max()))
                 v = new
             total += v / s
+        x = total / cfg.repeats
         self.info = SolveInfo(iterations=cfg.depth * cfg.repeats)
-        return total / cfg.repeats
+        if cfg.residual_tol is not None:
+            residual = (self.operator.matmat(x) - b).norm(dim=0) / bnorm.clamp_min(
+                torch.finfo(b.dtype).tiny
+            )
+            worst = float(residual.max())
+            converged = worst <= cfg.residual_tol
+            self.info = SolveInfo(
+                iterations=cfg.depth * cfg.repeats, residual=worst, converged=converged
+            )
+            if not converged:
+                self._warn_residual(worst)
+        return x
+
+    def _warn_residual(self, residual: float) -> None:
+        cfg, s = self.config, self.scale
+        lam_min, lam_max = _eigenvalue_range(self.operator, cfg.scale_iterations, cfg.seed)
+        message = (
+            f"LiSSA stopped with relative residual ‖Ax − b‖/‖b‖ = {residual:.3g} > "
+            f"residual_tol={cfg.residual_tol:g} after depth={cfg.depth} (scale s={s:.6g}): the "
+            "result is still far from A⁻¹b. "
+        )
+        if lam_min > 0 and not cfg.stochastic:
+            rate = max(abs(1 - lam_min / s), abs(1 - lam_max / s))
+            if 0 < rate < 1:
+                needed = math.log(cfg.residual_tol / max(residual, 1e-300)) / math.log(rate)
+                message += (
+                    f"The error shrinks by about {rate:.4g} per step (Lanczos estimate of λ_min "
+                    f"{lam_min:.4g}, λ_max {lam_max:.4g}): about {cfg.depth + math.ceil(needed)} "
+                    "steps would reach the tolerance. "
+                )
+        if cfg.stochastic:
+            message += (
+                "With stochastic=True part of the residual is mini-batch noise that more depth "
+                "does not remove: raise repeats or the batch size. "
+            )
+        message += "Raise depth, increase damping, or use CG (it raises when it does not converge)."
+        warnings.warn(message, ConvergenceWarning, stacklevel=4)
 
     def _diverged(self, rep: int, step: int, growth: float) -> None:
         cfg, op = self.config, self.operator

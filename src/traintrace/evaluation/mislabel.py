@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 
 from traintrace.exceptions import ConfigurationError
+from traintrace.retrieval.topk import import_pandas
 
 __all__ = ["MislabelDetection", "mislabel_detection"]
 
@@ -29,6 +31,25 @@ class MislabelDetection:
     found: np.ndarray
     recall: dict[float, float]
     auroc: float
+
+    def to_pandas(self) -> Any:
+        """The curve as a ``pandas.DataFrame`` with ``n + 1`` rows.
+
+        Columns ``inspected_count`` (examples inspected, 0..n, highest scores first),
+        ``inspected`` (that count / n) and ``found`` (fraction of the flipped examples among
+        them). ``frame.attrs`` holds ``auroc`` and ``recall``. Needs pandas
+        (``pip install 'traintrace[export]'``).
+        """
+        pd = import_pandas()
+        frame = pd.DataFrame(
+            {
+                "inspected_count": np.arange(len(self.inspected)),
+                "inspected": self.inspected,
+                "found": self.found,
+            }
+        )
+        frame.attrs.update(auroc=self.auroc, recall=dict(self.recall))
+        return frame
 
 
 def mislabel_detection(

@@ -106,18 +106,26 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from traintrace.data import batch_size_of, index_batch, to_plain
 from traintrace.exceptions import ConfigurationError, NonFiniteGradientError
 from traintrace.features.gradients import GradientComputer
+from traintrace.features.hooks import Capture, HookedPass
+from traintrace.features.layers import (
+    TRANSPOSED,
+    _Group,
+    _Norm,
+    _Role,
+    canonical_matrix,
+    layer_type,
+    norm_type,
+)
 from traintrace.features.params import Layers, ParameterLayout, select_parameters
 from traintrace.task import Task
 
@@ -324,116 +332,6 @@ class _RandomMap:
         return torch.cat(parts)
 
 
-# ----------------------------------------------------------------------------------------------
-# the plan: which parameter goes where
-# ----------------------------------------------------------------------------------------------
-def _hf_conv1d(module: nn.Module) -> bool:
-    """Hugging Face ``transformers.pytorch_utils.Conv1D`` (``y = x W + b``, W ``[d_in, d_out]``)."""
-    return (
-        type(module).__name__ == "Conv1D"
-        and type(module).__module__.startswith("transformers")
-        and getattr(module, "weight", None) is not None
-        and module.weight.ndim == 2
-    )
-
-
-def _layer_type(module: nn.Module) -> tuple[str | None, str]:
-    """``(type, "")`` for a module the Kronecker hooks support, else ``(None, why not)``."""
-    if isinstance(module, nn.Linear):
-        return "Linear", ""
-    if isinstance(module, nn.Conv2d):
-        if module.groups != 1:
-            return None, f"Conv2d with groups={module.groups}"
-        return "Conv2d", ""
-    if isinstance(module, nn.Embedding):
-        if module.max_norm is not None:
-            return None, "Embedding with max_norm (renormalizes its weight in forward)"
-        if module.scale_grad_by_freq:
-            return None, "Embedding with scale_grad_by_freq (not a per-example gradient)"
-        return "Embedding", ""
-    if _hf_conv1d(module):
-        return "Conv1D", ""
-    return None, f"{type(module).__name__} is not Linear/Conv2d/Embedding/Conv1D"
-
-
-def _norm_type(module: nn.Module) -> str | None:
-    """Normalization layers whose affine per-example gradients the hooks compute exactly."""
-    if isinstance(module, nn.LayerNorm) and module.elementwise_affine:
-        return "LayerNorm"
-    if isinstance(module, nn.RMSNorm) and module.elementwise_affine:
-        return "RMSNorm"
-    if (
-        isinstance(module, nn.modules.batchnorm._BatchNorm)
-        and module.affine
-        and module.track_running_stats
-        and module.running_mean is not None
-        and module.running_var is not None
-    ):
-        return "BatchNorm"
-    return None
-
-
-# natural canonical orientation: is the module's weight the transpose of its [d_out, d_in] matrix?
-_TRANSPOSED = {"Linear": False, "Conv2d": False, "Embedding": True, "Conv1D": True}
-
-
-@dataclass
-class _Role:
-    """One module's contribution to one Kronecker group."""
-
-    module_name: str
-    module: nn.Module
-    type: str
-    weight: bool  # the group's weight is this module's weight
-    bias: bool  # the group's bias is this module's bias (ã gets a 1 appended)
-    out_rows: bool  # the module's output gradient lies on the canonical rows side
-
-
-@dataclass
-class _Group:
-    """A Kronecker group: one canonical matrix ``[rows, cols]`` and its factors."""
-
-    key: str
-    weight: str | None
-    bias: str | None
-    type: str
-    roles: list[_Role]
-    rows: int
-    cols: int
-    transposed: bool  # canonical matrix = weightᵀ (Embedding / Conv1D first owner)
-    k_rows: int = 0
-    k_cols: int = 0
-    columns: slice = field(default_factory=lambda: slice(0, 0))
-    hooked: bool = True
-    reason: str = ""
-    _factors: dict[tuple[torch.dtype, torch.device], tuple[Tensor, Tensor]] = field(
-        default_factory=dict, repr=False
-    )
-
-    @property
-    def params(self) -> tuple[str, ...]:
-        return tuple(n for n in (self.weight, self.bias) if n is not None)
-
-    @property
-    def width(self) -> int:
-        return self.k_rows * self.k_cols
-
-
-@dataclass
-class _Norm:
-    """A normalization module whose selected affine parameters are hooked (dense group)."""
-
-    module_name: str
-    module: nn.Module
-    type: str
-    weight: str | None
-    bias: str | None
-
-    @property
-    def params(self) -> tuple[str, ...]:
-        return tuple(n for n in (self.weight, self.bias) if n is not None)
-
-
 def _allocate(dim: int, caps: list[int]) -> list[int]:
     """Share ``dim`` equally among groups by water-filling; a group gets at most its cap."""
     alloc = [0] * len(caps)
@@ -453,271 +351,6 @@ def _factor_sizes(budget: int, rows: int, cols: int) -> tuple[int, int]:
     k_cols = min(cols, max(1, budget // k_rows))
     k_rows = min(rows, max(1, budget // k_cols))
     return k_rows, k_cols
-
-
-# ----------------------------------------------------------------------------------------------
-# hooks
-# ----------------------------------------------------------------------------------------------
-def _first_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    if args:
-        return args[0]
-    return next(iter(kwargs.values()), None)
-
-
-def _per_example(m: Tensor, lead: int) -> Tensor:
-    """``[k, lead·T]`` (columns in example-major order) as ``[lead, k, T]`` (a view)."""
-    return m.reshape(m.shape[0], lead, -1).permute(1, 0, 2)
-
-
-class _Pass:
-    """One hooked forward + backward: each hooked group's projected features for a batch.
-
-    Forward hooks project each layer's input side (``P_in ã_t``, kept as ``[B, k_in, T]``) and
-    record the gradient edge of its output (:func:`torch.autograd.graph.get_gradient_edge`).
-    One ``autograd.grad`` of the summed per-example values with respect to those edges gives the
-    output gradients ``b_t``: the weights' own gradients are never computed. An edge taken at the
-    hook is the output *before* any later in-place op (``ReLU(inplace=True)``), as needed.
-    """
-
-    def __init__(
-        self,
-        owner: ProjectedGradients,
-        size: int,
-        dtype: torch.dtype,
-        device: torch.device,
-        track_abs: bool,
-    ) -> None:
-        self.pg = owner
-        self.size = size
-        self.dtype = dtype
-        self.device = device
-        self.track_abs = track_abs
-        self.feats: dict[str, Tensor] = {}
-        self.abs: dict[str, Tensor] = {}
-        self.norm_grads: dict[str, Tensor] = {}
-        self.norm_abs: dict[str, Tensor] = {}
-        self.broadcast: set[str] = set()  # group keys / norm param names that were expanded
-        self.values: Tensor | None = None  # the per-example values of the hooked forward
-        self._records: list[tuple[Any, Callable[[Tensor], None]]] = []
-
-    # -- registration ------------------------------------------------------------------------
-    @contextmanager
-    def installed(self) -> Iterator[_Pass]:
-        handles = []
-        try:
-            for name, (module, roles, norms) in self.pg._hooked_modules().items():
-                hook = self._hook(name, roles, norms)
-                handles.append(module.register_forward_hook(hook, with_kwargs=True))
-            yield self
-        finally:
-            for h in handles:
-                h.remove()
-
-    def backward(self, values: Tensor) -> None:
-        """Output gradients of every recorded call, handed to their callbacks."""
-        self.values = values.detach()
-        records, self._records = self._records, []
-        if not records or not values.requires_grad:
-            return
-        edges = [edge for edge, _ in records]
-        grads = torch.autograd.grad(values.sum(), edges, allow_unused=True)
-        for (_, callback), grad in zip(records, grads, strict=True):
-            if grad is not None:
-                callback(grad.to(self.dtype))
-
-    def _hook(
-        self, name: str, roles: list[tuple[_Group, _Role]], norms: list[_Norm]
-    ) -> Callable[..., Any]:
-        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
-            live = [(g, r) for g, r in roles if g.hooked]
-            live_norms = [n for n in norms if self.pg._norm_hooked(n)]
-            if not live and not live_norms:
-                return None
-            x = _first_tensor(args, kwargs)
-            lead = self._leading(name, module, x, out, live, live_norms)
-            if lead is None or not out.requires_grad:
-                return None  # demoted, or no gradient reaches this call
-            expand = lead != self.size
-            with torch.no_grad():
-                ins = [self._input_side(g, r, module, x, out, lead) for g, r in live]
-                saved = [self._norm_inputs(n, module, x) for n in live_norms]
-                if expand:
-                    ins = [t.expand(self.size, *t.shape[1:]) for t in ins]
-                    saved = [tuple(t.expand(self.size, *t.shape[1:]) for t in s) for s in saved]
-            if expand:
-                out = out.expand(self.size, *out.shape[1:])
-                self.broadcast.update(g.key for g, _ in live)
-                for n in live_norms:
-                    self.broadcast.update(n.params)
-            edge = torch.autograd.graph.get_gradient_edge(out)
-            self._records.append((edge, self._callback(live, ins, live_norms, saved)))
-            return out if expand else None
-
-        return hook
-
-    def _leading(
-        self,
-        name: str,
-        module: nn.Module,
-        x: Any,
-        out: Any,
-        live: list[tuple[_Group, _Role]],
-        norms: list[_Norm],
-    ) -> int | None:
-        """The input's leading size (B, or 1 to broadcast), or None after demoting the module."""
-        why = None
-        if not isinstance(x, Tensor) or not isinstance(out, Tensor):
-            why = f"'{name}' was called with {type(x).__name__} and returned {type(out).__name__}"
-        else:
-            min_dim = 1 if isinstance(module, nn.Embedding) else 2
-            if isinstance(module, nn.Conv2d):
-                min_dim = 4
-            if x.ndim < min_dim or out.ndim < 1 or out.shape[0] != x.shape[0]:
-                why = f"'{name}' got an input of shape {tuple(x.shape)} without a batch dimension"
-            elif x.shape[0] == self.size:
-                return self.size
-            elif x.shape[0] == 1 and self.pg._expand:
-                return 1
-            else:
-                why = (
-                    f"the input of '{name}' has shape {tuple(x.shape)}, whose leading size is not "
-                    f"the batch size {self.size} (not batch-first)"
-                )
-        for g, _ in live:
-            self.pg._demote(g, why)
-        for n in norms:
-            self.pg._demote_norm(n, why)
-        return None
-
-    # -- forward side ------------------------------------------------------------------------
-    def _input_side(
-        self, group: _Group, role: _Role, module: nn.Module, x: Tensor, out: Tensor, lead: int
-    ) -> Tensor:
-        """``P_in ã_t`` for every position, ``[lead, k_in, T]``."""
-        p_rows, p_cols = self.pg._factors(group, self.dtype, self.device)
-        p = p_cols if role.out_rows else p_rows
-        identity = (group.k_cols == group.cols) if role.out_rows else (group.k_rows == group.rows)
-        k = p.shape[0]
-        if role.type == "Embedding":
-            tokens = x.reshape(-1)
-            m = F.one_hot(tokens, k).T.to(self.dtype) if identity else p.index_select(1, tokens)
-            pad = getattr(module, "padding_idx", None)
-            if pad is not None:
-                m = m.masked_fill((tokens == pad).unsqueeze(0), 0.0)
-            return _per_example(m, lead)
-        if role.type == "Conv2d":
-            positions = math.prod(out.shape[2:])
-        else:
-            positions = x[0].numel() // x.shape[-1]
-        if not role.weight:  # bias only: ã = 1, d_in = 1, P_in = [[1]]
-            return p[:, -1].reshape(1, k, 1).expand(lead, k, positions)
-        if role.type == "Conv2d":
-            conv: nn.Conv2d = module  # type: ignore[assignment]
-            xin = x.to(self.dtype)
-            padding: Any = conv.padding
-            if conv.padding_mode != "zeros":
-                xin = F.pad(xin, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
-                padding = 0
-            if identity:
-                if isinstance(padding, str) or padding != 0:
-                    xin = F.pad(xin, conv._reversed_padding_repeated_twice)
-                patches = F.unfold(
-                    xin, conv.kernel_size, dilation=conv.dilation, stride=conv.stride
-                )
-                if role.bias:
-                    ones = patches.new_ones(lead, 1, patches.shape[2])
-                    patches = torch.cat([patches, ones], dim=1)
-                return patches
-            p_w = p[:, :-1] if role.bias else p
-            kernel = p_w.reshape(k, conv.in_channels, *conv.kernel_size)
-            p_bias = p[:, -1] if role.bias else None
-            y = F.conv2d(xin, kernel, p_bias, conv.stride, padding, conv.dilation)
-            return y.reshape(lead, k, -1)
-        a = x.reshape(-1, x.shape[-1]).to(self.dtype)
-        if identity:
-            m = a.T
-            if role.bias:
-                m = torch.cat([m, m.new_ones(1, m.shape[1])])
-        elif role.bias:
-            m = torch.addmm(p[:, -1:], p[:, :-1], a.T)
-        else:
-            m = p @ a.T
-        return _per_example(m, lead)
-
-    def _norm_inputs(self, norm: _Norm, module: nn.Module, x: Tensor) -> tuple[Tensor, ...]:
-        """What the backward needs: ``x̂`` (Layer/RMSNorm), or ``x``, mean, 1/std (BatchNorm)."""
-        x = x.detach()
-        if norm.type == "BatchNorm":
-            inv_std = torch.rsqrt(module.running_var + module.eps).to(self.dtype)
-            mean = module.running_mean.to(self.dtype)
-            b = x.shape[0]
-            return x.reshape(b, x.shape[1], -1), mean.expand(b, -1), inv_std.expand(b, -1)
-        dims = tuple(range(-len(module.normalized_shape), 0))
-        if norm.type == "LayerNorm":
-            mean = x.mean(dim=dims, keepdim=True)
-            var = x.var(dim=dims, unbiased=False, keepdim=True)
-            xhat = (x - mean) * torch.rsqrt(var + module.eps)
-        else:  # RMSNorm
-            eps = module.eps if module.eps is not None else torch.finfo(x.dtype).eps
-            xhat = x * torch.rsqrt(x.pow(2).mean(dim=dims, keepdim=True) + eps)
-        width = math.prod(module.normalized_shape)
-        return (xhat.reshape(x.shape[0], -1, width).to(self.dtype),)
-
-    # -- backward side -----------------------------------------------------------------------
-    def _callback(
-        self,
-        live: list[tuple[_Group, _Role]],
-        ins: list[Tensor],
-        norms: list[_Norm],
-        saved: list[tuple[Tensor, ...]],
-    ) -> Callable[[Tensor], None]:
-        def callback(grad: Tensor) -> None:
-            for (group, role), proj_in in zip(live, ins, strict=True):
-                self._accumulate(group, role, grad, proj_in)
-            for norm, inputs in zip(norms, saved, strict=True):
-                self._accumulate_norm(norm, grad, inputs)
-
-        return callback
-
-    def _accumulate(self, group: _Group, role: _Role, grad: Tensor, proj_in: Tensor) -> None:
-        p_rows, p_cols = self.pg._factors(group, self.dtype, self.device)
-        p_out = p_rows if role.out_rows else p_cols
-        identity = (group.k_rows == group.rows) if role.out_rows else (group.k_cols == group.cols)
-        b = self.size
-        if role.type == "Conv2d":
-            g = grad.reshape(b, grad.shape[1], -1)
-            proj_out = g if identity else torch.matmul(p_out, g)
-        else:
-            g = grad.reshape(-1, grad.shape[-1])
-            proj_out = _per_example(g.T if identity else p_out @ g.T, b)
-        rows, cols = (proj_out, proj_in) if role.out_rows else (proj_in, proj_out)
-        self._add(self.feats, group.key, torch.bmm(rows, cols.transpose(1, 2)))
-        if self.track_abs:
-            self._add(self.abs, group.key, torch.bmm(rows.abs(), cols.abs().transpose(1, 2)))
-
-    @staticmethod
-    def _add(acc: dict[str, Tensor], key: str, value: Tensor) -> None:
-        prev = acc.get(key)
-        acc[key] = value if prev is None else prev + value
-
-    def _accumulate_norm(self, norm: _Norm, grad: Tensor, inputs: tuple[Tensor, ...]) -> None:
-        b = self.size
-        if norm.type == "BatchNorm":
-            x, mean, inv_std = inputs
-            g = grad.reshape(b, grad.shape[1], -1)
-            g_sum = g.sum(2)
-            # Σ_l g (x − μ)/σ without forming x̂
-            weight = (torch.einsum("bcl,bcl->bc", g, x) - mean * g_sum) * inv_std
-            parts = {norm.weight: weight, norm.bias: g_sum}
-        else:
-            (xhat,) = inputs
-            g = grad.reshape(b, -1, xhat.shape[-1])
-            parts = {norm.weight: torch.einsum("btd,btd->bd", g, xhat), norm.bias: g.sum(1)}
-        for name, value in parts.items():
-            if name is not None:
-                self._add(self.norm_grads, name, value)
-                if self.track_abs:
-                    self._add(self.norm_abs, name, value.abs())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -756,6 +389,7 @@ class ProjectedGradients:
         projection: Projection | int | None = None,
         *,
         cache_mib: float = 256.0,
+        capture: bool = False,
     ) -> None:
         self.model = model
         self.task = task
@@ -780,7 +414,15 @@ class ProjectedGradients:
         self._checked_multi = False
         self.coverage: dict[str, str] = {}
         self.columns: dict[str, slice] = {}
+        self._capture = capture
         proj = self.projection
+        if capture:
+            if proj is not None:
+                raise ConfigurationError("capture=True plans the exact factors: projection=None")
+            # every group at full size: identity factors, so the hooks see the raw (b, ã)
+            self._plan_kronecker(Projection(dim=max(1, self.layout.numel) * 2))
+            self.projection = None
+            return
         if proj is None:
             self.width = self.layout.numel
             self.coverage = dict.fromkeys(self.names, "exact")
@@ -821,13 +463,13 @@ class ProjectedGradients:
         for name in self.names:
             users = owners[id(params[name])]
             mname, module, leaf = users[0]
-            ltype, why = _layer_type(module)
+            ltype, why = layer_type(module)
             if leaf not in ("weight", "bias"):
                 dense_reason[name] = f"'{leaf}' is a raw parameter of {type(module).__name__}"
             elif ltype is None:
-                if len(users) == 1 and _norm_type(module) is not None:
+                if len(users) == 1 and norm_type(module) is not None:
                     norm_params.setdefault(mname, {})[leaf] = name
-                    dense_reason[name] = f"per-example gradient from hooks on {_norm_type(module)}"
+                    dense_reason[name] = f"per-example gradient from hooks on {norm_type(module)}"
                 else:
                     dense_reason[name] = why
             elif len(users) > 1:
@@ -851,7 +493,7 @@ class ProjectedGradients:
                 group.roles[0].bias = True
             else:
                 module = modules[mname]
-                ltype = _layer_type(module)[0]
+                ltype = layer_type(module)[0]
                 assert ltype is not None
                 d_out = params[bias].numel()
                 role = _Role(mname, module, ltype, weight=False, bias=True, out_rows=True)
@@ -865,7 +507,7 @@ class ProjectedGradients:
         self._dense_reasons = {n: dense_reason[n] for n in self._dense_names}
         for mname, leaves in norm_params.items():
             module = modules[mname]
-            ntype = _norm_type(module)
+            ntype = norm_type(module)
             assert ntype is not None
             self._norms.append(
                 _Norm(mname, module, ntype, leaves.get("weight"), leaves.get("bias"))
@@ -911,13 +553,13 @@ class ProjectedGradients:
         else:
             rows, cols = int(shape[0]), int(shape[1:].numel())
         role = _Role(mname, module, ltype, weight=True, bias=False, out_rows=True)
-        return _Group(name, name, None, ltype, [role], rows, cols, _TRANSPOSED[ltype])
+        return _Group(name, name, None, ltype, [role], rows, cols, TRANSPOSED[ltype])
 
     def _tied_group(
         self, name: str, users: list[tuple[str, nn.Module, str]], dense_reason: dict[str, str]
     ) -> _Group | None:
         """A weight used by several modules: Kronecker if all are 2-D layers, else dense."""
-        types = [_layer_type(m)[0] for _, m, _ in users]
+        types = [layer_type(m)[0] for _, m, _ in users]
         first = types[0]
         assert first is not None
         if any(t not in ("Linear", "Embedding", "Conv1D") for t in types):
@@ -932,7 +574,7 @@ class ProjectedGradients:
                 t,  # type: ignore[arg-type]
                 weight=True,
                 bias=False,
-                out_rows=_TRANSPOSED[t] == _TRANSPOSED[first],  # type: ignore[index]
+                out_rows=TRANSPOSED[t] == TRANSPOSED[first],  # type: ignore[index]
             )
             for (mname, module, _), t in zip(users, types, strict=True)
         ]
@@ -1138,6 +780,57 @@ class ProjectedGradients:
         self._check_finite(out, offset, where)
         return out
 
+    # -- the exact capture (capture=True) -------------------------------------------------------
+    def capture(
+        self,
+        state: Mapping[str, Tensor],
+        batch: Any,
+        kind: Kind = "loss",
+        *,
+        offset: int = 0,
+        where: str = "",
+    ) -> Capture:
+        """The raw per-layer factors of a batch's per-example gradients (``capture=True`` only).
+
+        One hooked forward and one backward to the layer outputs; groups the hooks cannot serve
+        and the dense group's parameters get exact ``vmap`` gradients. The hooked paths are
+        verified (on the first batch and the first batch with more than one example) on at most
+        three examples, so the check never forms more than three per-example gradients.
+        """
+        if not self._capture:
+            raise ConfigurationError("capture() needs ProjectedGradients(..., capture=True)")
+        batch = to_plain(batch)
+        size = batch_size_of(batch)
+        ref = state[self.names[0]]
+        dtype, device = ref.dtype, ref.device
+        if not self._checked_single or (size > 1 and not self._checked_multi):
+            small = min(size, 3)
+            sub = batch if small == size else index_batch(batch, slice(0, small), size)
+            run = self._hooked_pass(state, sub, kind, small, dtype, device, True)
+            self._verify(state, sub, kind, small, dtype, device, run)
+        run = self._hooked_pass(state, batch, kind, size, dtype, device, False, capture=True)
+        exact_names = [n for g in self._groups if not g.hooked for n in g.params]
+        exact_names += [n for n in self._dense_names if n not in run.norm_grads]
+        named: dict[str, Tensor] = dict(run.norm_grads)
+        values = run.values
+        if exact_names:
+            computer = self._exact_computer(exact_names)
+            flat = computer.per_example(state, batch, kind, offset=offset, where=where)
+            for n, sl in computer.layout.slices().items():
+                named[n] = flat[:, sl]
+        if values is None:  # nothing hooked: the values of a plain forward
+            values = self._all.values(state, batch, kind).detach()
+        formed = {
+            g.key: canonical_matrix(g, named, self._shapes) for g in self._groups if not g.hooked
+        }
+        dense = None
+        if self._dense_names:
+            dense = torch.cat([named[n].reshape(size, -1) for n in self._dense_names], dim=1)
+        terms = {
+            k: v for k, v in run.terms.items() if any(g.key == k and g.hooked for g in self._groups)
+        }
+        return Capture(size, terms, formed, dense, values)
+
     # -- the Kronecker path --------------------------------------------------------------------
     def _kronecker_features(
         self, state: Mapping[str, Tensor], batch: Any, kind: Kind, offset: int, where: str
@@ -1183,8 +876,9 @@ class ProjectedGradients:
         dtype: torch.dtype,
         device: torch.device,
         track_abs: bool,
-    ) -> _Pass:
-        run = _Pass(self, size, dtype, device, track_abs)
+        capture: bool = False,
+    ) -> HookedPass:
+        run = HookedPass(self, size, dtype, device, track_abs, capture)
         modules = self._hooked_modules()
         if not modules:
             return run
@@ -1206,7 +900,9 @@ class ProjectedGradients:
                     raise
                 # expanding a [1, ...] output over the batch broke the model: stop expanding
                 self._stop_expanding(run, "the model failed when its output was expanded")
-                return self._hooked_pass(state, batch, kind, size, dtype, device, track_abs)
+                return self._hooked_pass(
+                    state, batch, kind, size, dtype, device, track_abs, capture
+                )
             if values.ndim != 1 or values.shape[0] != size:
                 raise ConfigurationError(
                     f"the task returned shape {tuple(values.shape)}, expected one value per "
@@ -1226,8 +922,8 @@ class ProjectedGradients:
         size: int,
         dtype: torch.dtype,
         device: torch.device,
-        run: _Pass,
-    ) -> _Pass:
+        run: HookedPass,
+    ) -> HookedPass:
         """Check the hooked groups against autograd (batch sum) and against example 0 alone."""
         if run.values is not None and not bool(torch.isfinite(run.values).all()):
             return run  # nothing to compare; the finiteness check names the examples
@@ -1336,7 +1032,7 @@ class ProjectedGradients:
             return self._rerun(state, batch, kind, size, dtype, device)
         return run
 
-    def _stop_expanding(self, run: _Pass, why: str) -> None:
+    def _stop_expanding(self, run: HookedPass, why: str) -> None:
         """Layers whose ``[1, ...]`` input was broadcast over the batch move to the exact path."""
         self._expand = False
         for group in self._groups:
@@ -1354,25 +1050,12 @@ class ProjectedGradients:
         size: int,
         dtype: torch.dtype,
         device: torch.device,
-    ) -> _Pass:
+    ) -> HookedPass:
         return self._hooked_pass(state, batch, kind, size, dtype, device, False)
 
     def _project_group(self, group: _Group, named: Mapping[str, Tensor]) -> Tensor:
         """``vec(P_out G P_inᵀ)`` ``[n, k_out·k_in]`` from exact gradients of the group's params."""
-        parts = []
-        if group.weight is not None:
-            g = named[group.weight]
-            n = g.shape[0]
-            shape = self._shapes[group.weight]
-            if group.transposed:
-                m = g.reshape(n, int(shape[0]), int(shape[1])).transpose(1, 2)
-            else:
-                m = g.reshape(n, int(shape[0]), -1)
-            parts.append(m)
-        if group.bias is not None:
-            g = named[group.bias]
-            parts.append(g.reshape(g.shape[0], -1, 1))
-        m = torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
+        m = canonical_matrix(group, named, self._shapes)
         p_rows, p_cols = self._factors(group, m.dtype, m.device)
         return (p_rows @ m @ p_cols.T).reshape(m.shape[0], -1)
 

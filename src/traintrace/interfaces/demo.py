@@ -3,7 +3,9 @@
 1. Train a LeNet-style CNN on ``load_digits`` with 10% of the training labels flipped (fixed
    seed), saving checkpoints (model + optimizer state, so the learning rate travels with them).
 2. TracIn over the checkpoints: proponents and opponents of a few test images, beside the
-   nearest neighbours in the penultimate-layer embedding.
+   nearest neighbours in the penultimate-layer embedding. Each score explains one label's logit
+   margin: the true label's for every test image and, for a misclassified one, also the
+   predicted label's (what the model did), side by side.
 3. Self-influence ranks the training set; the flipped labels should come first. Compared with
    the loss of the final model as a baseline (recall at 5/10/20% inspected, AUROC).
 4. Everything goes into ``<output>/report.html`` (self-contained) and a one-screen summary.
@@ -12,6 +14,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +26,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
 import traintrace as tt
-from traintrace.interfaces.report import Card, HTMLReport, image_png, scored
+from traintrace.interfaces.config import check_output_dir, check_seed
+from traintrace.interfaces.report import Card, HTMLReport, image_png, img, scored
 
 __all__ = ["DemoConfig", "DemoResult", "LeNet", "run_demo"]
 
@@ -60,7 +64,8 @@ class DemoConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        self.output = Path(self.output)
+        self.output = check_output_dir(self.output)
+        check_seed(self.seed)
         if self.epochs < self.checkpoints or self.checkpoints < 1:
             raise tt.ConfigurationError(
                 f"need epochs >= checkpoints >= 1, got epochs={self.epochs}, "
@@ -189,16 +194,23 @@ def run_demo(cfg: DemoConfig | None = None) -> DemoResult:
     train_loss = F.cross_entropy(train_logits, y_noisy, reduction="none")
 
     # TracIn over the saved checkpoints (the learning rate is read from the saved optimizer).
+    # The query side is one label's logit margin, the label given with the query: the true
+    # label for every test image, and the predicted one for misclassified images.
     t1 = time.perf_counter()
     checkpoints = [tt.Checkpoint(p) for p in paths]
     tracin = tt.TracIn(
-        model, tt.Classification(), checkpoints, batch_size=128, progress=cfg.progress
+        model, tt.Classification("margin"), checkpoints, batch_size=128, progress=cfg.progress
     )
     tracin.fit(train)
     self_inf = tracin.self_influence()
     q_idx = _pick_queries(test_pred, y_test, cfg.queries)
     queries = TensorDataset(x_test[q_idx], y_test[q_idx])
     top = tracin.top_k(queries, k=cfg.k)
+    wrong = [row for row, qi in enumerate(q_idx) if test_pred[qi] != y_test[qi]]
+    top_pred = None
+    if wrong:
+        w_idx = [q_idx[row] for row in wrong]
+        top_pred = (wrong, tracin.top_k(TensorDataset(x_test[w_idx], test_pred[w_idx]), k=cfg.k))
     timings["TracIn"] = time.perf_counter() - t1
 
     knn = tt.EmbeddingKNN(model, tt.Classification(), checkpoints[-1]).fit(train)
@@ -210,8 +222,9 @@ def run_demo(cfg: DemoConfig | None = None) -> DemoResult:
     }
     digits = _Digits(x_train, y_noisy, y_clean, flipped, train_pred, x_test, y_test, test_pred)
     report_path = _write_report(
-        cfg, digits, checkpoints, tracin, top, neighbours, q_idx, self_inf, detection, test_acc
-    )
+        cfg, digits, checkpoints, tracin, top, top_pred, neighbours, q_idx, self_inf, detection,
+        test_acc,
+    )  # fmt: skip
     timings["total"] = time.perf_counter() - t0
     return DemoResult(report_path, test_acc, len(train), int(flipped.sum()), detection, timings)
 
@@ -236,6 +249,7 @@ def _write_report(
     checkpoints: list[tt.Checkpoint],
     tracin: tt.TracIn,
     top: tt.TopK,
+    top_pred: tuple[list[int], tt.TopK] | None,
     neighbours: tt.Ranking,
     q_idx: list[int],
     self_inf: torch.Tensor,
@@ -251,12 +265,17 @@ def _write_report(
         f"trained on scikit-learn's digits: {len(d.y_noisy)} training images of which "
         f"{int(d.flipped.sum())} ({cfg.flip_fraction:.0%}) had their label flipped on purpose, "
         f"{len(d.y_test)} test images, test accuracy {test_acc:.1%}. TracIn sums "
-        f"η_c · ⟨∇loss(train), ∇loss(test)⟩ over {len(checkpoints)} checkpoints ({lrs})."
+        f"η_c · ⟨∇loss(train), −∇m_y(test)⟩ over {len(checkpoints)} checkpoints ({lrs}), the "
+        "first-order change of the test image's margin m_y when training steps on the image."
     )
     rep.paragraph(
-        "Sign convention: a positive score means the training image helped the prediction "
-        "(a gradient step on it lowers the test image's loss); opponents have the most negative "
-        "scores. Training images whose label was flipped are shaded red.",
+        "Which label each score explains: TracIn here explains one label's logit margin "
+        "m_y = z_y − log Σ_{j≠y} exp z_j of a test image. For every test image that label is "
+        "its TRUE label; for a misclassified test image, two more rows explain the PREDICTED "
+        "label (what the model actually did). Sign convention: a positive score means a "
+        "gradient step on the training image raises that label's margin (it helps the model "
+        "towards that label); opponents have the most negative scores and push away from it. "
+        "Training images whose label was flipped are shaded red.",
         note=True,
     )
 
@@ -264,11 +283,7 @@ def _write_report(
         cap = [f"#{i} label {int(d.y_noisy[i])}", score_html]
         if d.flipped[i]:
             cap.insert(1, f"(true {int(d.y_clean[i])})")
-        return Card(
-            f'<img src="{image_png(d.x_train[i, 0].numpy())}" alt="train {i}">',
-            cap,
-            bool(d.flipped[i]),
-        )
+        return Card(img(image_png(d.x_train[i, 0].numpy()), f"train {i}"), cap, bool(d.flipped[i]))
 
     # -- mislabel detection ------------------------------------------------------------------
     rep.heading("Finding mislabeled training images", anchor="mislabels")
@@ -305,31 +320,20 @@ def _write_report(
         truth, pred = int(d.y_test[qi]), int(d.test_pred[qi])
         verdict = "correct" if truth == pred else "WRONG"
         query = Card(
-            f'<img src="{image_png(d.x_test[qi, 0].numpy())}" alt="test {qi}">',
+            img(image_png(d.x_test[qi, 0].numpy()), f"test {qi}"),
             [f"test #{qi}", f"true {truth}, predicted {pred}", verdict],
             flag=truth != pred,
             big=True,
         )
         rows = [
             ("query", [query]),
-            (
-                "proponents (help)",
-                [
-                    train_card(int(i), scored(float(s)))
-                    for i, s in zip(
-                        top.proponents.indices[row], top.proponents.scores[row], strict=True
-                    )
-                ],
-            ),
-            (
-                "opponents (hurt)",
-                [
-                    train_card(int(i), scored(float(s)))
-                    for i, s in zip(
-                        top.opponents.indices[row], top.opponents.scores[row], strict=True
-                    )
-                ],
-            ),
+            *_attribution_rows(top, row, f"true label {truth}", train_card),
+        ]
+        if top_pred is not None and row in top_pred[0]:
+            rows += _attribution_rows(
+                top_pred[1], top_pred[0].index(row), f"predicted label {pred}", train_card
+            )
+        rows += [
             (
                 "embedding kNN",
                 [
@@ -353,7 +357,7 @@ def _write_report(
     )
     cards = [
         Card(
-            f'<img src="{image_png(d.x_train[int(i), 0].numpy())}" alt="train {int(i)}">',
+            img(image_png(d.x_train[int(i), 0].numpy()), f"train {int(i)}"),
             [
                 f"#{int(i)} given {int(d.y_noisy[i])}",
                 f"predicted {int(d.train_pred[i])}",
@@ -374,3 +378,22 @@ def _write_report(
             ]
         )
     return rep.save(cfg.output / "report.html")
+
+
+def _attribution_rows(
+    top: tt.TopK, row: int, which: str, card: Callable[[int, str], Card]
+) -> list[tuple[str, list[Card]]]:
+    """Proponent and opponent rows of one query, labelled with the label they explain."""
+    return [
+        (
+            f"{which}: {name}",
+            [
+                card(int(i), scored(float(s)))
+                for i, s in zip(ranking.indices[row], ranking.scores[row], strict=True)
+            ],
+        )
+        for name, ranking in (
+            ("proponents (raise its margin)", top.proponents),
+            ("opponents (lower it)", top.opponents),
+        )
+    ]

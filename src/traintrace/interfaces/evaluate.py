@@ -11,6 +11,12 @@ estimator traintrace offers scores the same queries; each is judged by
 * **mislabel AUROC** — how well the estimator's self-influence separates flipped labels;
 * **time** — wall time of fit + score + self-influence.
 
+Influence functions appear twice where the damping matters: with the spectrum heuristic
+(``tt.spectrum(...).suggested_damping``, the smallest damping that makes the Hessian positive
+definite) or the weight decay, and with the damping that maximizes the linearized-Laplace evidence
+(``tt.select_damping``, rows marked "evidence damping"), so the table shows which choice tracks
+leave-one-out retraining better.
+
 All retrains go through one :class:`~traintrace.Retrainer` with an on-disk cache, so they are
 shared by every estimator and an interrupted evaluation resumes. The table is printed, saved as
 ``results.json`` and shown with a plot in ``report.html``.
@@ -32,6 +38,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import traintrace as tt
+from traintrace.curvature import LaplaceEvidence
 from traintrace.interfaces.report import HTMLReport
 
 __all__ = ["DigitsMLPTrainer", "EvaluateConfig", "EvaluationResult", "run_evaluation"]
@@ -223,7 +230,7 @@ def _estimators(ctx: dict) -> dict[str, Estimate]:
         est = tt.AME(ctx["retrainer"], len(train), num_subsets=ctx["ame_subsets"], seed=1).fit()
         return est.score(), None
 
-    damp = ctx["damping"]
+    damp, evidence = ctx["damping"], ctx["evidence_damping"]
     return {
         "TracIn": gradient(tt.TracIn(model, task, ckpts, **quiet)),
         "TracIn (last layer)": gradient(tt.TracIn(model, task, ckpts, layers="last", **quiet)),
@@ -233,6 +240,11 @@ def _estimators(ctx: dict) -> dict[str, Estimate]:
         ),
         "IF exact Hessian": influence(hessian=tt.Exact(), damping=damp),
         "IF exact GGN": influence(hessian=tt.Exact(), curvature="ggn", damping=wd),
+        # the damping maximizing the Laplace evidence of the GGN (tt.select_damping)
+        "IF exact GGN (evidence damping)": influence(
+            hessian=tt.Exact(), curvature="ggn", damping=evidence
+        ),
+        "IF exact Hessian (evidence damping)": influence(hessian=tt.Exact(), damping=evidence),
         # self-influence would cost one iterative solve per training example: skipped
         "IF CG": influence(False, hessian=tt.CG(tol=1e-8), damping=damp),
         "IF LiSSA": influence(False, hessian=tt.LiSSA(depth=1000), damping=damp),
@@ -296,6 +308,15 @@ def run_evaluation(cfg: EvaluateConfig | None = None) -> EvaluationResult:
     # CG, LiSSA, Arnoldi) gets the same damping, so they differ only in how they invert.
     spec = tt.spectrum(model, task, final, train, top=4, density=False, progress=False)
     damping = max(cfg.weight_decay, spec.suggested_damping)
+    # ... or the prior precision that maximizes the linearized-Laplace evidence (GGN, exact
+    # eigenvalues), on the same scale: (C + λI) with C the curvature of the mean loss.
+    evidence = LaplaceEvidence.compute(model, task, final, train, curvature="ggn", progress=False)
+    selection = evidence.select()  # what tt.select_damping(..., curvature="ggn") returns
+    if cfg.progress:
+        print(
+            f"  damping: spectrum {damping:.4g}, Laplace evidence {selection.damping:.4g}",
+            flush=True,
+        )
 
     ctx = {
         "model": model,
@@ -306,6 +327,7 @@ def run_evaluation(cfg: EvaluateConfig | None = None) -> EvaluationResult:
         "checkpoints": checkpoints,
         "weight_decay": cfg.weight_decay,
         "damping": damping,
+        "evidence_damping": selection.damping,
         "recorder": recorder.path,
         "retrainer": retrainer,
         "ame_subsets": cfg.ame_subsets,
@@ -347,7 +369,14 @@ def run_evaluation(cfg: EvaluateConfig | None = None) -> EvaluationResult:
             print(
                 f"  {name:<28} LDS {lds:.3f}  LOO r {loo.pearson:.3f}  ({seconds:.1f}s)", flush=True
             )
-    settings = {**asdict(cfg), "output": str(cfg.output), "damping": damping}
+    settings = {
+        **asdict(cfg),
+        "output": str(cfg.output),
+        "damping": damping,
+        "evidence_damping": selection.damping,
+        "log_evidence": selection.log_evidence,
+        "log_evidence_at_damping": float(evidence(damping)),
+    }
     result = EvaluationResult(rows, cfg.output / "report.html", settings)
     (cfg.output / "results.json").write_text(
         json.dumps({"settings": settings, "rows": [asdict(r) for r in rows]}, indent=2, default=str)
@@ -368,6 +397,16 @@ def _write_report(result: EvaluationResult, cfg: EvaluateConfig) -> None:
         "Higher is better for every metric except time. ± s.e. is the standard error of the LDS "
         "over queries: estimators closer than about two of those are not distinguishable here."
     )
+    settings = result.settings
+    if "evidence_damping" in settings:
+        rep.paragraph(
+            f"Damping of the influence functions: spectrum heuristic λ = "
+            f"{settings['damping']:.4g} (Hessian rows without a mark), weight decay "
+            f"{cfg.weight_decay:g} (GGN, EK-FAC, M-FAC), and the λ maximizing the linearized-Laplace "
+            f"evidence of the GGN, λ = {settings['evidence_damping']:.4g} (rows marked 'evidence "
+            f"damping'; log evidence {settings['log_evidence']:.1f} there, "
+            f"{settings['log_evidence_at_damping']:.1f} at the spectrum's λ)."
+        )
     rows = sorted(result.rows, key=lambda r: -_nan_low(r.lds))
     rep.table(
         [

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from traintrace.checkpoints import Checkpoint, require_checkpoint
 from traintrace.curvature import (
@@ -16,22 +15,31 @@ from traintrace.curvature import (
     MFAC,
     InverseOperator,
     KroneckerInverse,
-    LowRankInverse,
     Solver,
     make_solver,
 )
 from traintrace.curvature.operators import CURVATURES, Curvature, curvature_operator
-from traintrace.data import as_loader
+from traintrace.data import as_loader, dataset_length
 from traintrace.exceptions import ConfigurationError
+from traintrace.features.engine import ExactGradients
 from traintrace.features.params import Layers
-from traintrace.methods.base import Data
-from traintrace.methods.tracin import TracIn
+from traintrace.methods.base import Data, Estimator
+from traintrace.methods.streaming import (
+    InverseCurvature,
+    Normalize,
+    check_normalize,
+    stream_scores,
+    stream_self_influence,
+    stream_top_k,
+    train_sq_norms,
+)
+from traintrace.retrieval.topk import TopK, check_k
 from traintrace.task import Task, require_task
 
 __all__ = ["InfluenceFunction"]
 
 
-class InfluenceFunction(TracIn):
+class InfluenceFunction(Estimator):
     """Influence of removing a training example on a query's measurement.
 
     ``score(z, z') = (1/n) · ∇f(z', θ)ᵀ (C + λI)⁻¹ ∇l(z, θ)``
@@ -81,14 +89,21 @@ class InfluenceFunction(TracIn):
     MFAC       ``m`` gradients + ``O(m² P)``             ``O(m P)``
     ========== ========================================= ====================================
 
-    The training gradients go to an on-disk :class:`~traintrace.FeatureStore` (``n × P``
-    numbers; a temporary one unless ``store=`` is given — resumable, refused when written with
-    other settings), so memory does not grow with ``n``; Arnoldi stores only their ``r``
-    coordinates in its eigenbasis, so per-example scoring cost does not grow with ``P`` after
-    ``fit``.
+    **How it is computed** (:mod:`traintrace.methods.streaming`): the estimator is the engine's
+    exact featurizer × the preconditioner ``P = (1/n)(C + λI)⁻¹``
+    (:class:`~traintrace.methods.streaming.InverseCurvature`) × one checkpoint of weight 1.
+    ``fit`` builds the inverse only. ``score`` / ``top_k`` form the ``m`` query gradients of a
+    block (``m × P`` numbers), apply the inverse once, and stream the training set once through
+    the per-layer contraction ``Σ_t r_tᵀ D c_t``: no training gradient is stored (nothing of size
+    ``n × P``, in memory or on disk). ``self_influence`` streams the training set once more:
+    Arnoldi from the ``r`` engine contractions with its eigenvectors, the other inverses by
+    forming each batch's gradients and solving.
 
-    ``store``, ``overwrite_store``, ``store_dtype``, ``chunk_size``, ``query_block``,
-    ``max_disk_gib``: as :class:`~traintrace.TracIn`.
+    **Renormalized influence** (RIF, Hammoudeh & Lowd 2022): ``normalize="train"`` divides each
+    score by the training gradient norm ``‖∇l(z)‖``; ``"cosine"`` also by ``‖∇f(z')‖``;
+    ``layerwise=True`` takes both per layer and sums the layers.
+
+    ``query_block``: queries preconditioned and streamed together (memory ``query_block × P``).
     """
 
     def __init__(
@@ -102,16 +117,26 @@ class InfluenceFunction(TracIn):
         curvature: Curvature = "hessian",
         layers: Layers = None,
         curvature_data: Data | None = None,
+        normalize: Normalize | bool = False,
+        layerwise: bool = False,
         batch_size: int = 64,
+        query_block: int = 256,
         progress: bool = True,
-        **store_options: Any,
+        **removed: Any,
     ) -> None:
         require_checkpoint(checkpoint)
         require_task(task)
-        if {"projection", "normalize"} & set(store_options):
+        if "projection" in removed:
             raise ConfigurationError(
                 "InfluenceFunction works on exact gradients (the inverse curvature is applied in "
-                "parameter space): projection= and normalize= are TracIn's options"
+                "parameter space): projection= is TracIn's and TRAK's option"
+            )
+        if removed:
+            raise ConfigurationError(
+                f"InfluenceFunction got {sorted(removed)}: it no longer stores training gradients "
+                "(scores are streamed exactly, nothing of size n × P is written), so store=, "
+                "overwrite_store=, store_dtype=, chunk_size=, max_disk_gib= and max_feature_gib= "
+                "do not apply; remove them"
             )
         if curvature not in CURVATURES:
             raise ConfigurationError(
@@ -119,20 +144,40 @@ class InfluenceFunction(TracIn):
             )
         if damping is not None and not damping >= 0:
             raise ConfigurationError(f"damping must be >= 0, got {damping}")
-        super().__init__(
-            model,
-            task,
-            [dataclasses.replace(checkpoint, lr=1.0)],
-            layers=layers,
-            batch_size=batch_size,
-            progress=progress,
-            **store_options,
-        )
+        if isinstance(hessian, KFAC) and damping is not None and hessian.damping != damping:
+            default = KFAC.__dataclass_fields__["damping"].default
+            if hessian.damping != default:
+                raise ConfigurationError(
+                    f"damping given twice: InfluenceFunction(damping={damping}) and "
+                    f"{type(hessian).__name__}(damping={hessian.damping}); give it in one place"
+                )
+        if batch_size < 1:
+            raise ConfigurationError(f"batch_size must be >= 1, got {batch_size}")
+        if query_block < 1:
+            raise ConfigurationError(f"query_block must be >= 1, got {query_block}")
+        self.model = model
+        self.task = task
         self.checkpoint = checkpoint
         self.hessian = hessian if isinstance(hessian, KFAC) else make_solver(hessian)
         self.damping = damping
         self.curvature = curvature
+        self.layers = layers
         self.curvature_data = curvature_data
+        self.normalize, self.layerwise = check_normalize(normalize, layerwise)
+        self.batch_size = batch_size
+        self.query_block = query_block
+        self.progress = progress
+        self._engine = ExactGradients(model, task, layers)
+
+    @property
+    def parameter_names(self) -> list[str]:
+        """The differentiated parameters, in layout order."""
+        return list(self._engine.names)
+
+    @property
+    def coverage(self) -> dict[str, str]:
+        """Which path (hooks or exact ``vmap``) each parameter's training gradients take."""
+        return self._engine.coverage
 
     def _inverse(
         self, state: dict[str, Tensor], loader: torch.utils.data.DataLoader
@@ -152,12 +197,19 @@ class InfluenceFunction(TracIn):
         return self.hessian.prepare(operator)
 
     def fit(self, train: Data) -> InfluenceFunction:
-        """Build the inverse curvature, then store the training gradients. Returns ``self``.
+        """Build the inverse curvature (from ``curvature_data``, default ``train``). Returns ``self``.
 
-        The training gradients are written chunk by chunk (resumable); Arnoldi stores their
-        coordinates in its eigenbasis instead.
+        No training gradient is computed or stored here; with ``normalize=`` one capture pass
+        records the per-layer training-gradient norms.
         """
         loader = as_loader(train, self.batch_size)
+        n = dataset_length(loader)
+        if n is None:
+            raise ConfigurationError(
+                "InfluenceFunction needs a training set with a length (a map-style Dataset)"
+            )
+        if n == 0:
+            raise ConfigurationError("the training data set is empty")
         curv_loader = (
             loader
             if self.curvature_data is None
@@ -165,73 +217,88 @@ class InfluenceFunction(TracIn):
         )
         state = self.checkpoint.state_for(self.model)
         self.inverse_ = self._inverse(state, curv_loader)
-        super().fit(train)
+        self.preconditioner_ = InverseCurvature(self.inverse_, 1.0 / n)
+        self._train_loader = loader
+        self.train_sq_norms_: list[Tensor] | None = None
+        if self.normalize:
+            self.train_sq_norms_ = [
+                train_sq_norms(
+                    self._engine,
+                    state,
+                    loader,
+                    self._device(),
+                    n=n,
+                    where=self._name(),
+                    progress=self.progress,
+                )
+            ]
+        self.n_train_ = n
         return self
 
-    def _low_rank(self) -> LowRankInverse | None:
-        inverse = getattr(self, "inverse_", None)
-        return inverse if isinstance(inverse, LowRankInverse) else None
+    def _device(self) -> torch.device:
+        return next(self.model.parameters()).device
 
-    def _feature_width(self) -> int:
-        low_rank = self._low_rank()
-        return low_rank.rank if low_rank is not None else super()._feature_width()
+    def _name(self) -> str:
+        return f"checkpoint {self.checkpoint.name}"
 
-    def _train_features(
-        self, state: dict[str, Tensor], batch: Any, offset: int, where: str
-    ) -> Tensor:
-        g = super()._train_features(state, batch, offset, where)
-        low_rank = self._low_rank()
-        return g if low_rank is None else low_rank.project(g).to(g.dtype)
+    def _stream_args(self) -> dict[str, Any]:
+        return {
+            "engine": self._engine,
+            "states": lambda _c: self.checkpoint.state_for(self.model),
+            "weights": [1.0],
+            "preconditioners": [self.preconditioner_],
+            "names": [self._name()],
+            "train": self._train_loader,
+            "device": self._device(),
+            "n": self.n_train_,
+        }
 
-    def _settings(self, loader: DataLoader, n: int) -> dict[str, Any]:
-        settings = super()._settings(loader, n)
-        low_rank = self._low_rank()
-        if low_rank is not None:  # the stored coordinates depend on the eigenbasis
-            settings["eigenbasis"] = {
-                "solver": repr(self.hessian),
-                "damping": self.damping,
-                "curvature": self.curvature,
-                "eigenvalues": [float(v) for v in low_rank.eigenvalues],
-            }
-        return settings
+    def _score_blocks(self, queries: Data) -> Iterator[Tensor]:
+        self._check_fitted()
+        yield from stream_scores(
+            queries=as_loader(queries, self.batch_size),
+            query_block=self.query_block,
+            normalize=self.normalize,
+            layerwise=self.layerwise,
+            train_norms=self.train_sq_norms_,
+            progress=self.progress,
+            **self._stream_args(),
+        )
 
-    def _query_side(self, q: Tensor) -> Tensor:
-        """``(1/n) (C + λI)⁻¹ q`` for gradients ``[b, P]`` (Arnoldi: in its eigenbasis)."""
-        low_rank = self._low_rank()
-        if low_rank is not None:
-            return (low_rank.project(q) / low_rank.eigenvalues / self.n_train_).to(q.dtype)
-        return self.inverse_.solve(q).to(q.dtype) / self.n_train_
+    def top_k(self, queries: Data, k: int = 10) -> TopK:
+        """The ``k`` strongest proponents and opponents of each query, ``[n_query, k]`` each.
 
-    def _prepare_queries(self, qs: list[Tensor]) -> list[Tensor]:
-        return [self._query_side(q) for q in qs]
-
-    def self_influence(self, chunk_size: int = 256) -> Tensor:
-        """``(1/n) ∇l(z)ᵀ (C + λI)⁻¹ ∇l(z)`` for every training example, ``[n_train]``.
-
-        Large values flag examples the model bends to fit (mislabeled, rare). Cost: one read of
-        the store and one inverse application per training example (batched by
-        ``chunk_size``): cheap for Exact, K-FAC, M-FAC and Arnoldi (``O(r)`` each from the
-        stored coordinates), ``n`` iterative solves for CG and LiSSA.
+        Exact and streamed: memory ``[m, k]`` plus one training batch (module docs).
         """
         self._check_fitted()
-        out = torch.empty(self.n_train_, dtype=self.store_.read_dtype)
-        bar = tqdm(
-            total=self.n_train_,
-            desc="influence: self-influence",
-            unit="ex",
-            disable=not self.progress,
-            leave=False,
+        check_k(k, self.n_train_)
+        return stream_top_k(
+            queries=as_loader(queries, self.batch_size),
+            k=k,
+            query_block=self.query_block,
+            normalize=self.normalize,
+            layerwise=self.layerwise,
+            train_norms=self.train_sq_norms_,
+            progress=self.progress,
+            **self._stream_args(),
         )
-        low_rank = self._low_rank()
-        device = next(self.model.parameters()).device  # where the inverse lives
-        for start, rows in self.store_.iter_chunks(0, chunk_size):
-            if low_rank is not None:
-                values = (rows**2 / low_rank.eigenvalues.cpu().to(rows.dtype)).sum(1)
-                values = values / self.n_train_
-            else:
-                on_device = rows.to(device)
-                values = (self._query_side(on_device) * on_device).sum(dim=1).cpu()
-            out[start : start + len(rows)] = values
-            bar.update(len(rows))
-        bar.close()
-        return out
+
+    def self_influence(self) -> Tensor:
+        """``(1/n) ∇l(z)ᵀ (C + λI)⁻¹ ∇l(z)`` for every training example, ``[n_train]``.
+
+        Large values flag examples the model bends to fit (mislabeled, rare). Cost: one pass
+        over the training set; Arnoldi uses ``r`` engine contractions per example (no
+        per-example gradient), the other inverses form each batch's gradients (``B × P``) and
+        apply the inverse (``n`` iterative solves for CG and LiSSA).
+
+        Raises:
+            ConfigurationError: with ``normalize=`` (a renormalized self-score ranks by
+                ``‖g‖`` only through the curvature; use ``normalize=False``).
+        """
+        self._check_fitted()
+        if self.normalize:
+            raise ConfigurationError(
+                "self_influence() of a renormalized InfluenceFunction is not a ranking of "
+                "suspicious examples; use tt.InfluenceFunction(..., normalize=False)"
+            )
+        return stream_self_influence(progress=self.progress, **self._stream_args())

@@ -28,6 +28,7 @@ it raises the query's oriented measurement (its loss). Orientation ``[n_query, n
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import multiprocessing
 import os
@@ -174,12 +175,39 @@ class _Job:
 
 _WORKER_JOB: _Job | None = None
 
+#: seconds between two checks of a pool worker that its driver is still alive
+_PARENT_POLL_S = 0.5
 
-def _init_worker(job: _Job, threads: int | None) -> None:
+
+def _watch_parent(driver_pid: int, interval: float) -> None:
+    """Exit this worker process as soon as its driver is gone (kill -9 of the driver).
+
+    A killed driver cannot shut its pool down, and an orphaned pool worker otherwise blocks on
+    its task queue (or keeps training) forever. The driver is the worker's parent, so when it
+    dies the worker is re-parented (``os.getppid()`` changes) and it exits at once without
+    running cleanup, like a killed process.
+    """
+    import time
+
+    while os.getppid() == driver_pid:
+        time.sleep(interval)
+    os._exit(1)
+
+
+def _init_worker(job: _Job, threads: int | None, driver_pid: int | None = None) -> None:
     global _WORKER_JOB
     _WORKER_JOB = job
     if threads:
         torch.set_num_threads(threads)
+    if driver_pid is not None:
+        import threading
+
+        threading.Thread(
+            target=_watch_parent,
+            args=(driver_pid, _PARENT_POLL_S),
+            name="traintrace-watch-driver",
+            daemon=True,
+        ).start()
 
 
 def _run_installed(indices: np.ndarray, seed: int) -> np.ndarray:
@@ -188,6 +216,12 @@ def _run_installed(indices: np.ndarray, seed: int) -> np.ndarray:
 
 def _run_job(job: _Job, indices: np.ndarray, seed: int) -> np.ndarray:
     return job(indices, seed)
+
+
+def _is_dask_executor(executor: Any) -> bool:
+    """Whether ``executor`` is ``dask.distributed``'s ``Client.get_executor()`` (not imported)."""
+    cls = type(executor)
+    return cls.__name__ == "ClientExecutor" and cls.__module__.startswith("distributed")
 
 
 # -- the engine ---------------------------------------------------------------------------------
@@ -255,8 +289,9 @@ class Retrainer:
             :class:`~concurrent.futures.ProcessPoolExecutor` with the *spawn* start method,
             created per :meth:`run` call; ``train_fn`` and ``measure`` are sent once per worker
             and must be picklable (module-level functions, or callable objects of module-level
-            classes). ``None``: sequentially in this process (debugging, tests, lambdas). Or
-            any :class:`concurrent.futures.Executor` you own (it is not shut down), e.g. Dask or
+            classes). Its workers watch the driver and exit within a second when it is
+            killed. ``None``: sequentially in this process (debugging, tests, lambdas). Or any
+            :class:`concurrent.futures.Executor` you own (it is not shut down), e.g. Dask or
             Ray — see below.
         max_workers: processes of the default pool (default ``min(4, cpu_count)``).
         threads_per_worker: ``torch.set_num_threads`` in each worker of the default pool
@@ -285,13 +320,19 @@ class Retrainer:
         class RayExecutor(concurrent.futures.Executor):
             def __init__(self, **options):   # e.g. num_gpus=1 per run
                 self.options = options
-            def submit(self, fn, /, *args):
+            def submit(self, fn, /, *args, **kwargs):
                 remote = ray.remote(**self.options)(fn) if self.options else ray.remote(fn)
-                return remote.remote(*args).future()
+                return remote.remote(*args, **kwargs).future()
         engine = tt.Retrainer(train_fn, measure, executor=RayExecutor(num_gpus=1))
 
+    Only ``submit`` and the returned futures (``result``, ``cancel``, ``wait``) are used. Dask
+    tasks are submitted with ``pure=False``, so a call that resumes after a failure retrains
+    instead of being handed the scheduler's remembered failed task. A run whose Dask worker
+    dies is rescheduled by Dask (up to its ``allowed-failures``).
+
     The cache is written by this (the driver) process, so ``cache_dir`` is a local path even
-    when runs execute elsewhere.
+    when runs execute elsewhere. When a run fails, the runs that finished beside it are cached
+    before the error is raised, and calling :meth:`run` again retrains only the missing ones.
 
     Cost: one call of ``train_fn`` + ``measure`` per distinct run not yet cached; memory
     ``n_runs × n_query`` for the result plus ``max_in_flight`` index arrays.
@@ -437,7 +478,26 @@ class Retrainer:
                 f"experiment={self.experiment!r}, seed={seed}, {len(indices)} indices. Delete "
                 "the file (or use another cache_dir)."
             )
-        return measurement.astype(np.float64)
+        measurement = np.asarray(measurement)
+        if measurement.ndim != 1 or not np.issubdtype(measurement.dtype, np.number):
+            raise RetrainingError(
+                f"cached run {path} holds a measurement of dtype {measurement.dtype} and shape "
+                f"{measurement.shape}, not one number per query; it was not written by "
+                f"traintrace or is damaged. Delete it (rm '{path}') and call again to retrain "
+                "that run."
+            )
+        measurement = measurement.astype(np.float64)
+        bad = ~np.isfinite(measurement)
+        if bad.any():
+            where = np.flatnonzero(bad)
+            raise RetrainingError(
+                f"cached run {path} (seed={seed}, {len(indices)} examples) holds a non-finite "
+                f"measurement for {len(where)} of {len(measurement)} queries (first at query "
+                f"{int(where[0])}: {measurement[where[0]]}); traintrace never caches such runs, "
+                f"so the file was altered. Delete it (rm '{path}') and call again to retrain "
+                "that run."
+            )
+        return measurement
 
     def _store(self, key: str, indices: np.ndarray, seed: int, measurement: np.ndarray) -> None:
         if self.cache_dir is None:
@@ -482,6 +542,12 @@ class Retrainer:
                 " A worker process died: killed (out of memory?) or unable to import train_fn / "
                 "measure (define them in an importable module; executor=None runs in this "
                 "process and shows the real error)."
+            )
+        elif type(exc).__name__ == "KilledWorker":  # dask.distributed, without importing it
+            hint = (
+                " Dask workers died while running it more often than the scheduler's "
+                "allowed-failures (out of memory? a crashing extension?); look at the workers' "
+                "logs."
             )
         cache = (
             f" Runs finished before it are cached in {self.cache_dir}; fix the cause and call "
@@ -592,19 +658,23 @@ class Retrainer:
                 max_workers=workers,
                 mp_context=multiprocessing.get_context("spawn"),
                 initializer=_init_worker,
-                initargs=(self._job, self.threads_per_worker),
+                initargs=(self._job, self.threads_per_worker, os.getpid()),
             )
             window = self.max_in_flight or 2 * workers
         else:
             pool = self.executor  # type: ignore[assignment]
             window = self.max_in_flight or 64
+        # Dask's executor names a task by hashing its function and arguments (pure=True): that
+        # hashes the whole job for every run, and a call that resumes after a failure would be
+        # handed the same failed task back while the scheduler still remembers it
+        extra = {"pure": False} if _is_dask_executor(pool) else {}
 
         def submit(pos: int) -> Future:
             idx, seed = runs[pos]
             idx = _as_indices(idx)
             if own:
                 return pool.submit(_run_installed, idx, int(seed))
-            return pool.submit(_run_job, self._job, idx, int(seed))
+            return pool.submit(_run_job, self._job, idx, int(seed), **extra)
 
         in_flight: dict[Future, int] = {}
         queue = iter(todo)
@@ -616,15 +686,20 @@ class Retrainer:
                     break
             while in_flight:
                 done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
-                for fut in done:
+                for fut in sorted(done, key=in_flight.__getitem__):  # in run order
                     pos = in_flight.pop(fut)
                     idx, seed = runs[pos]
                     idx, seed, key = _as_indices(idx), int(seed), keys[pos]
                     try:
                         value = fut.result()
                     except Exception as exc:
+                        self._salvage(runs, keys, in_flight, results)
                         raise self._failure(key, idx, seed, exc) from exc
-                    results[key] = self._finish(key, idx, seed, value)
+                    try:
+                        results[key] = self._finish(key, idx, seed, value)
+                    except RetrainingError:
+                        self._salvage(runs, keys, in_flight, results)
+                        raise
                     bar.update(1)
                     nxt = next(queue, None)
                     if nxt is not None:
@@ -636,6 +711,23 @@ class Retrainer:
                     fut.cancel()
             if own:
                 pool.shutdown(wait=ok, cancel_futures=not ok)
+
+    def _salvage(
+        self,
+        runs: Sequence[tuple[Any, int]],
+        keys: list[str],
+        in_flight: dict[Future, int],
+        results: dict[str, np.ndarray],
+    ) -> None:
+        """Cache the runs that finished alongside a failed one, so a resumed call skips them."""
+        for fut, pos in list(in_flight.items()):
+            if not fut.done() or fut.cancelled() or fut.exception() is not None:
+                continue
+            idx, seed = runs[pos]
+            idx, seed = _as_indices(idx), int(seed)
+            with contextlib.suppress(RetrainingError, ConfigurationError):
+                results[keys[pos]] = self._finish(keys[pos], idx, seed, fut.result())
+            del in_flight[fut]
 
 
 # -- estimators ---------------------------------------------------------------------------------

@@ -23,10 +23,19 @@ from traintrace.data import (
     iterate_batches,
 )
 from traintrace.exceptions import ConfigurationError, FeatureMemoryError
+from traintrace.features.engine import ExactGradients
 from traintrace.features.params import Layers
 from traintrace.features.projections import ProjectedGradients, Projection
 from traintrace.features.store import FeatureStore
 from traintrace.methods.base import Data, Estimator
+from traintrace.methods.streaming import (
+    Identity,
+    Normalize,
+    check_normalize,
+    stream_scores,
+    stream_top_k,
+    train_sq_norms,
+)
 from traintrace.retrieval import exact as exact_retrieval
 from traintrace.retrieval.faiss_index import top_k as retrieval_top_k
 from traintrace.retrieval.topk import Ranking, TopK, check_k
@@ -69,9 +78,22 @@ class TracIn(Estimator):
     the query's loss / raises its margin). Proponents are the largest scores, opponents the most
     negative. **Orientation:** ``score`` returns ``[n_query, n_train]``.
 
-    With ``normalize=True`` each checkpoint's term uses cosine similarity instead of the dot
-    product (GAS, Hammoudeh & Lowd 2022): ``Σ_c η_c · cos(R∇l(z, θ_c), R∇f(z', θ_c))``, which
-    stops examples with large gradients from dominating every ranking.
+    **Renormalized variants** (Hammoudeh & Lowd 2022), which stop examples with large gradients
+    from dominating every ranking: ``normalize="cosine"`` (or ``True``; GAS) uses
+    ``Σ_c η_c · cos(∇l(z, θ_c), ∇f(z', θ_c))``; ``normalize="train"`` divides each term by the
+    training gradient norm ``‖∇l(z, θ_c)‖`` only; ``layerwise=True`` takes the division per layer
+    (:attr:`~traintrace.features.engine.ExactGradients.units`) and sums the layers' terms
+    (layer-wise GAS). A zero gradient norm gives a zero term. The projected store path supports
+    ``normalize="cosine"`` only.
+
+    **Two ways to serve queries.** ``projection=None`` and ``store=None`` (the default) is the
+    exact *streaming* path: ``fit`` makes one capture pass per checkpoint (the training-gradient
+    norms, ``[layers, n]`` numbers), and every ``score`` / ``top_k`` call captures the queries and
+    streams the training set once per checkpoint and block of ``query_block`` queries
+    (:mod:`traintrace.methods.streaming`); nothing of size ``n × P`` is formed or written. Choose
+    it when the queries are known up front. With a ``projection`` (or a ``store``), ``fit``
+    featurizes the training set once into the on-disk store and queries only touch the cheap
+    side: choose it to ask many query sets later, interactively.
 
     Args:
         model: the network; evaluated functionally at each checkpoint in eval mode (dropout off,
@@ -80,8 +102,10 @@ class TracIn(Estimator):
         checkpoints: saved states with their learning rates.
         layers: parameters to differentiate — ``None`` (all), ``"last"`` (the last layer with
             parameters) or module names.
-        normalize: cosine (GAS) variant.
-        projection: ``None`` — exact per-example gradients (``P`` features per example); an
+        normalize: ``False``, ``"train"`` or ``"cosine"`` (``True``): renormalized variants.
+        layerwise: normalize per layer (streaming path).
+        projection: ``None`` — exact (streamed without a store, or ``P`` features per example
+            in the store when ``store=`` is given); an
             ``int`` ``k`` — the Kronecker-factored projection to about ``k`` features (one
             forward and one backward per example, never a full per-example gradient); or a
             :class:`~traintrace.Projection` (``kind="kronecker" | "gaussian" | "rademacher" |
@@ -117,7 +141,8 @@ class TracIn(Estimator):
         checkpoints: Sequence[Checkpoint],
         *,
         layers: Layers = None,
-        normalize: bool = False,
+        normalize: Normalize | bool = False,
+        layerwise: bool = False,
         projection: Projection | int | None = None,
         store: str | os.PathLike[str] | None = None,
         overwrite_store: bool = False,
@@ -145,8 +170,9 @@ class TracIn(Estimator):
         self.task = task
         self.checkpoints = list(checkpoints)
         self.layers = layers
-        self.normalize = normalize
+        self.normalize, self.layerwise = check_normalize(normalize, layerwise)
         self.projection = Projection.coerce(projection)
+        self.streaming = self.projection is None and store is None
         self.store_path = store
         self.overwrite_store = overwrite_store
         param = next(model.parameters())
@@ -157,19 +183,27 @@ class TracIn(Estimator):
         self.query_block = query_block
         self.max_disk_gib = max_disk_gib
         self.progress = progress
-        self._features = ProjectedGradients(model, task, layers, self.projection)
+        if not self.streaming and (self.normalize == "train" or self.layerwise):
+            raise ConfigurationError(
+                "normalize='train' and layerwise=True need the exact streaming path "
+                "(projection=None, store=None); the store path supports normalize='cosine'"
+            )
+        if self.streaming:
+            self._engine = ExactGradients(model, task, layers)
+        else:
+            self._features = ProjectedGradients(model, task, layers, self.projection)
         self.lrs = [c.learning_rate for c in self.checkpoints]
         self._tmpdir: tempfile.TemporaryDirectory[str] | None = None
 
     @property
     def parameter_names(self) -> list[str]:
         """The differentiated parameters, in feature order."""
-        return list(self._features.names)
+        return list(self._engine.names if self.streaming else self._features.names)
 
     @property
     def coverage(self) -> dict[str, str]:
-        """Which path (Kronecker hooks, exact + dense projection, exact) each parameter took."""
-        return dict(self._features.coverage)
+        """Which path (hooks, Kronecker projection, exact ``vmap``) each parameter took."""
+        return dict(self._engine.coverage if self.streaming else self._features.coverage)
 
     def _states(self) -> list[dict[str, Tensor]]:
         return [c.state_for(self.model) for c in self.checkpoints]
@@ -252,6 +286,10 @@ class TracIn(Estimator):
                 f"{type(self).__name__} needs a data set with a length (a map-style Dataset) to "
                 "lay out its store"
             )
+        if n == 0:
+            raise ConfigurationError("the training data set is empty")
+        if self.streaming:
+            return self._fit_streaming(loader, n)
         rank, world = distributed_rank()
         if world > 1 and self.overwrite_store:
             if rank == 0:
@@ -296,6 +334,52 @@ class TracIn(Estimator):
         self.n_train_ = n
         return self
 
+    # -- the exact streaming path -----------------------------------------------------------------
+    def _device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _state(self, c: int) -> dict[str, Tensor]:
+        return self.checkpoints[c].state_for(self.model)
+
+    def _names(self) -> list[str]:
+        return [f"checkpoint {c.name}" for c in self.checkpoints]
+
+    def _fit_streaming(self, loader: DataLoader, n: int) -> TracIn:
+        """One capture pass per checkpoint: the per-layer training-gradient norms ``[U, n]``."""
+        names = self._names()
+        self.train_sq_norms_ = [
+            train_sq_norms(
+                self._engine,
+                self._state(c),
+                loader,
+                self._device(),
+                n=n,
+                where=names[c],
+                progress=self.progress,
+            )
+            for c in range(len(self.checkpoints))
+        ]
+        self._train_loader = loader
+        self.n_train_ = n
+        return self
+
+    def _stream_args(self) -> dict[str, Any]:
+        return {
+            "engine": self._engine,
+            "states": self._state,
+            "weights": self.lrs,
+            "preconditioners": [Identity() for _ in self.checkpoints],
+            "names": self._names(),
+            "train": self._train_loader,
+            "device": self._device(),
+            "n": self.n_train_,
+            "query_block": self.query_block,
+            "normalize": self.normalize,
+            "layerwise": self.layerwise,
+            "train_norms": self.train_sq_norms_,
+            "progress": self.progress,
+        }
+
     # -- queries ---------------------------------------------------------------------------------
     def _query_blocks(self, queries: Data) -> Iterator[list[Tensor]]:
         """Per-checkpoint query features ``[m, width]`` for blocks of up to ``query_block``."""
@@ -335,9 +419,15 @@ class TracIn(Estimator):
         return [q.cpu() for q in self._prepare_queries(qs)]
 
     def _score_blocks(self, queries: Data) -> Iterator[Tensor]:
+        if self.streaming:
+            self._check_fitted()
+            yield from stream_scores(
+                queries=as_loader(queries, self.batch_size), **self._stream_args()
+            )
+            return
         for qs in self._query_blocks(queries):
             qs = self._stored_side(qs)
-            yield exact_retrieval.score(self.store_, qs, self.lrs, normalize=self.normalize)
+            yield exact_retrieval.score(self.store_, qs, self.lrs, normalize=bool(self.normalize))
 
     def top_k(
         self, queries: Data, k: int = 10, *, method: Literal["auto", "exact", "faiss"] = "auto"
@@ -351,13 +441,17 @@ class TracIn(Estimator):
         """
         self._check_fitted()
         check_k(k, self.n_train_)  # before any query gradient is computed
+        if self.streaming:
+            return stream_top_k(
+                queries=as_loader(queries, self.batch_size), k=k, **self._stream_args()
+            )
         parts = [
             retrieval_top_k(
                 self.store_,
                 self._stored_side(qs),
                 self.lrs,
                 k,
-                normalize=self.normalize,
+                normalize=bool(self.normalize),
                 method=method,
             )
             for qs in self._query_blocks(queries)
@@ -380,14 +474,27 @@ class TracIn(Estimator):
 
         High self-influence flags mislabeled and rare examples (the training loss on both
         sides). Equals the diagonal of ``score(train, train)`` when the task's measurement is
-        the loss. With ``normalize=True`` every cosine with itself is 1, so this is the constant
-        ``Σ_c η_c`` — use ``normalize=False`` for self-influence rankings. Cost: one read of the
-        stored norms.
+        the loss. Cost: the norms recorded by ``fit`` (streaming) or one read of the stored
+        norms.
+
+        Raises:
+            ConfigurationError: for the normalized variants, where every example's score with
+                itself is the same constant (a cosine with itself is 1): it ranks nothing. Use
+                an estimator with ``normalize=False`` for self-influence rankings.
         """
         self._check_fitted()
-        store = self.store_
         if self.normalize:
-            return torch.full((self.n_train_,), float(sum(self.lrs)), dtype=store.read_dtype)
+            raise ConfigurationError(
+                f"self_influence() of a normalized TracIn (normalize={self.normalize!r}) is a "
+                "constant: every gradient's cosine with itself is 1. Rank by the self-influence "
+                "of tt.TracIn(..., normalize=False) instead"
+            )
+        if self.streaming:
+            total = torch.zeros(self.n_train_, dtype=self.train_sq_norms_[0].dtype)
+            for lr, sq in zip(self.lrs, self.train_sq_norms_, strict=True):
+                total += lr * sq.sum(0).cpu()
+            return total
+        store = self.store_
         total = torch.zeros(self.n_train_, dtype=store.read_dtype)
         for c, lr in enumerate(self.lrs):
             total += lr * store.norms(c) ** 2

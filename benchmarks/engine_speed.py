@@ -1,0 +1,334 @@
+"""Exact TracIn / EK-FAC / Arnoldi cost in epochs of training, beside Captum and Kronfluence.
+
+Workload (issue 8): MLP 784-1024-1024-10 (1,863,690 parameters), ``n`` Gaussian inputs with random
+labels, 100 queries, two checkpoints saved after one SGD epoch each (lr 0.01, batch 256, after a
+warm-up epoch). Every method runs in its own process; each process times three training epochs
+on a scratch copy of the model *in the same process* (at least a second of work) and prints the
+method's time per checkpoint divided by the median epoch, in wall and CPU time, the peak RssAnon
+and the bytes written to disk. Score matrices are compared with traintrace's (Spearman).
+
+    python benchmarks/engine_speed.py                       # traintrace methods, n = 2048
+    python benchmarks/engine_speed.py --n 8192 --peer-python /path/to/venv/bin/python
+
+``--peer-python`` names an interpreter with ``captum`` and ``kronfluence`` installed (their own
+environment: ``python -m venv peers && peers/bin/pip install torch==2.13.0 captum kronfluence``);
+without it only traintrace's rows are printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import TensorDataset
+
+LR = 0.01
+N_QUERY = 100
+
+
+def make_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10)
+    )
+
+
+class Workload:
+    def __init__(self, n: int, folder: str) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.n = n
+        self.X, self.Y = torch.randn(n, 784, generator=g), torch.randint(0, 10, (n,), generator=g)
+        gq = torch.Generator().manual_seed(1)
+        self.Xq = torch.randn(N_QUERY, 784, generator=gq)
+        self.Yq = torch.randint(0, 10, (N_QUERY,), generator=gq)
+        self.train, self.queries = TensorDataset(self.X, self.Y), TensorDataset(self.Xq, self.Yq)
+        m = make_model()
+        opt = torch.optim.SGD(m.parameters(), lr=LR)
+        self.epoch(m, opt)
+        self.paths = []
+        for c in range(2):
+            self.epoch(m, opt)
+            path = os.path.join(folder, f"c{c}.pt")
+            torch.save({k: v.detach().clone() for k, v in m.state_dict().items()}, path)
+            self.paths.append(path)
+        self.timer = (copy.deepcopy(m), None)
+
+    def epoch(self, m: nn.Module, opt: torch.optim.Optimizer) -> None:
+        for i in range(0, self.n, 256):
+            opt.zero_grad()
+            F.cross_entropy(m(self.X[i : i + 256]), self.Y[i : i + 256]).backward()
+            opt.step()
+
+    def time_epochs(self, reps: int = 3) -> tuple[float, float]:
+        m = copy.deepcopy(self.timer[0])
+        opt = torch.optim.SGD(m.parameters(), lr=LR)
+        walls, cpus = [], []
+        while len(walls) < reps or sum(walls) < 1.0:
+            w, c = time.perf_counter(), time.process_time()
+            self.epoch(m, opt)
+            walls.append(time.perf_counter() - w)
+            cpus.append(time.process_time() - c)
+        return statistics.median(walls), statistics.median(cpus)
+
+
+class PeakAnon:
+    """Peak RssAnon (MiB) of this process, sampled every 20 ms."""
+
+    def __init__(self) -> None:
+        self.peak = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def read() -> float:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) / 1024
+        return 0.0
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.read())
+            self._stop.wait(0.02)
+
+    def __enter__(self) -> PeakAnon:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.read())
+
+
+def du(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
+
+
+# -- methods: each returns (scores [m, n], checkpoints it covers) ----------------------------------
+def tt_tracin(wl: Workload, scratch: str) -> tuple[torch.Tensor, int]:
+    import traintrace as tt
+
+    cks = [tt.Checkpoint(p, lr=LR) for p in wl.paths]
+    est = tt.TracIn(make_model(), tt.Classification(), cks, batch_size=256, progress=False)
+    return est.fit(wl.train).score(wl.queries), 2
+
+
+def tt_ekfac(wl: Workload, scratch: str) -> tuple[torch.Tensor, int]:
+    import traintrace as tt
+
+    est = tt.InfluenceFunction(
+        make_model(),
+        tt.Classification(),
+        tt.Checkpoint(wl.paths[1]),
+        hessian=tt.EKFAC(sampled_labels=False),
+        damping=1e-3,
+        batch_size=256,
+        progress=False,
+    )
+    return est.fit(wl.train).score(wl.queries), 1
+
+
+def tt_arnoldi_coordinates(wl: Workload, scratch: str) -> tuple[torch.Tensor, int]:
+    """Arnoldi's training coordinates for r = 64 random orthonormal directions (the eigenbasis
+    costs the same to contract; its Lanczos fit is a separate, n-independent cost)."""
+    import traintrace as tt
+    from traintrace.features.engine import ExactGradients
+    from traintrace.methods.streaming import train_sq_norms  # noqa: F401 (same pass shape)
+
+    model = make_model()
+    engine = ExactGradients(model, tt.Classification())
+    state = tt.Checkpoint(wl.paths[1]).state_for(model)
+    g = torch.Generator().manual_seed(0)
+    u = torch.linalg.qr(torch.randn(engine.layout.numel, 64, generator=g))[0]
+    dirs = engine.directions_from_flat(u.T.contiguous())
+    out = []
+    for i in range(0, wl.n, 256):
+        cap = engine.capture(state, (wl.X[i : i + 256], wl.Y[i : i + 256]))
+        out.append(engine.dot(cap, dirs))
+    return torch.cat(out, dim=1), 1
+
+
+def captum_tracin(wl: Workload, scratch: str) -> tuple[torch.Tensor, int]:
+    from captum.influence import TracInCP
+
+    def load(model: nn.Module, path: str) -> float:
+        model.load_state_dict(torch.load(path))
+        return LR
+
+    est = TracInCP(
+        make_model(),
+        wl.train,
+        checkpoints=wl.paths,
+        checkpoints_load_func=load,
+        loss_fn=nn.CrossEntropyLoss(reduction="sum"),
+        batch_size=256,
+        sample_wise_grads_per_batch=True,
+    )
+    return est.influence((wl.Xq, wl.Yq), k=None, show_progress=False), 2
+
+
+def kronfluence_ekfac(wl: Workload, scratch: str) -> tuple[torch.Tensor, int]:
+    from kronfluence.analyzer import Analyzer, prepare_model
+    from kronfluence.arguments import FactorArguments, ScoreArguments
+    from kronfluence.task import Task
+
+    class ClsTask(Task):
+        def compute_train_loss(self, batch, model, sample=False):  # type: ignore[no-untyped-def]
+            x, y = batch
+            return F.cross_entropy(model(x), y, reduction="sum")
+
+        def compute_measurement(self, batch, model):  # type: ignore[no-untyped-def]
+            x, y = batch
+            return F.cross_entropy(model(x), y, reduction="sum")
+
+    model = make_model()
+    model.load_state_dict(torch.load(wl.paths[1]))
+    task = ClsTask()
+    model = prepare_model(model, task)
+    an = Analyzer(
+        analysis_name="bench",
+        model=model,
+        task=task,
+        cpu=True,
+        output_dir=scratch,
+        disable_tqdm=True,
+        log_level=logging.WARNING,
+    )
+    an.fit_all_factors(
+        factors_name="ekfac",
+        dataset=wl.train,
+        per_device_batch_size=256,
+        factor_args=FactorArguments(strategy="ekfac", use_empirical_fisher=True),
+        overwrite_output_dir=True,
+    )
+    an.compute_pairwise_scores(
+        scores_name="s",
+        factors_name="ekfac",
+        query_dataset=wl.queries,
+        train_dataset=wl.train,
+        per_device_query_batch_size=N_QUERY,
+        per_device_train_batch_size=256,
+        score_args=ScoreArguments(damping_factor=1e-3),
+        overwrite_output_dir=True,
+    )
+    return an.load_pairwise_scores("s")["all_modules"], 1
+
+
+METHODS = {
+    "traintrace-tracin": tt_tracin,
+    "traintrace-ekfac": tt_ekfac,
+    "traintrace-arnoldi-r64-coordinates": tt_arnoldi_coordinates,
+    "captum-tracincp": captum_tracin,
+    "kronfluence-ekfac": kronfluence_ekfac,
+}
+PEERS = {"captum-tracincp": "traintrace-tracin", "kronfluence-ekfac": "traintrace-ekfac"}
+
+
+def run_one(method: str, n: int, save: str) -> None:
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    with tempfile.TemporaryDirectory(prefix="engine-bench-") as scratch:
+        wl = Workload(n, scratch)
+        epoch_wall, epoch_cpu = wl.time_epochs()
+        out = os.path.join(scratch, "out")
+        os.makedirs(out)
+        before = du(scratch)
+        with PeakAnon() as mem:
+            w, c = time.perf_counter(), time.process_time()
+            scores, per = METHODS[method](wl, out)
+            wall, cpu = time.perf_counter() - w, time.process_time() - c
+        written = du(scratch) - before
+        e2_wall, e2_cpu = wl.time_epochs()
+        epoch_wall, epoch_cpu = min(epoch_wall, e2_wall), min(epoch_cpu, e2_cpu)
+        torch.save(torch.as_tensor(scores).float(), save)
+        print(
+            "RESULT "
+            + json.dumps(
+                {
+                    "method": method,
+                    "n": n,
+                    "wall_per_ckpt_epochs": round(wall / per / epoch_wall, 2),
+                    "cpu_per_ckpt_epochs": round(cpu / per / epoch_cpu, 2),
+                    "seconds": round(wall, 2),
+                    "epoch_seconds": round(epoch_wall, 3),
+                    "peak_rss_anon_mib": round(mem.peak),
+                    "bytes_written": written,
+                }
+            ),
+            flush=True,
+        )
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--n", type=int, default=2048)
+    p.add_argument("--methods", nargs="+", default=None)
+    p.add_argument("--peer-python", default=None)
+    p.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--save", default=None, help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.one:
+        run_one(a.one, a.n, a.save)
+        return
+    methods = a.methods or [m for m in METHODS if m.startswith("traintrace")]
+    if a.peer_python and not a.methods:
+        methods += list(PEERS)
+    rows, scores = {}, {}
+    with tempfile.TemporaryDirectory(prefix="engine-bench-scores-") as keep:
+        for method in methods:
+            python = a.peer_python if method in PEERS else sys.executable
+            save = os.path.join(keep, f"{method}.pt")
+            env = dict(os.environ, PYTHONPATH=os.path.join(os.path.dirname(__file__), "..", "src"))
+            res = subprocess.run(
+                [python, __file__, "--one", method, "--n", str(a.n), "--save", save],
+                capture_output=True,
+                text=True,
+                env=env,
+            )
+            line = [x for x in res.stdout.splitlines() if x.startswith("RESULT ")]
+            if res.returncode or not line:
+                print(f"{method}: failed\n{res.stderr[-2000:]}")
+                continue
+            rows[method] = json.loads(line[-1][7:])
+            scores[method] = torch.load(save)
+    from scipy.stats import spearmanr
+
+    print(f"\nn = {a.n}, {N_QUERY} queries, 1.86M-parameter MLP; cost per checkpoint / one epoch")
+    print(
+        f"{'method':36s} {'wall':>7s} {'cpu':>7s} {'seconds':>8s} {'RssAnon MiB':>12s} "
+        f"{'disk MB':>8s} {'Spearman vs traintrace':>22s}"
+    )
+    for method, r in rows.items():
+        ref = PEERS.get(method)
+        rho = ""
+        if ref in scores and method in scores:
+            rho = f"{spearmanr(scores[method].flatten(), scores[ref].flatten())[0]:.4f}"
+        print(
+            f"{method:36s} {r['wall_per_ckpt_epochs']:7.2f} {r['cpu_per_ckpt_epochs']:7.2f} "
+            f"{r['seconds']:8.1f} {r['peak_rss_anon_mib']:12d} {r['bytes_written'] / 1e6:8.1f} "
+            f"{rho:>22s}"
+        )
+    for peer, ours in PEERS.items():
+        if peer in rows and ours in rows:
+            print(
+                f"speed-up of {ours} over {peer}: "
+                f"{rows[peer]['seconds'] / rows[ours]['seconds']:.1f}x (wall), "
+                f"{rows[peer]['cpu_per_ckpt_epochs'] / rows[ours]['cpu_per_ckpt_epochs']:.1f}x (cpu)"
+            )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,441 @@
+"""The exact engine: inner products with per-example gradients, without forming them.
+
+For a covered layer (:mod:`traintrace.features.layers`) the per-example gradient is the canonical
+matrix ``G_i = Σ_t r_t c_tᵀ`` (output gradient × input over positions ``t``; a tied weight adds
+every module's calls). Its inner product with any matrix ``D`` of the same shape is
+
+    ⟨G_i, D⟩ = Σ_t r_tᵀ D c_t,
+
+and when ``D`` is itself a captured gradient ``Σ_s ρ_s γ_sᵀ`` (a query),
+
+    ⟨G_i, D⟩ = Σ_{t,s} (r_t·ρ_s)(c_t·γ_s)                                  ("factored").
+
+One capture of ``(r, c)`` per training batch (:meth:`ExactGradients.capture`, one forward and one
+backward to the layer outputs) and a few small products per layer give **exact** scores; nothing
+of size ``n × P`` is formed or stored. Per layer and batch the cheapest of three contractions is
+chosen by multiply-add count:
+
+=============== ========================================== =========================================
+path            cost per batch of ``B`` (``m`` directions)  when
+=============== ========================================== =========================================
+factored        ``B·m·T·T_q·(rows + cols)``                 queries captured, short sequences
+bilinear/gather ``B·m·rows·cols`` (``T = 1``);              dense directions (preconditioned
+                ``B·m·rows·T`` for one-hot (Embedding)      queries, eigenvectors)
+formed          ``B·T·rows·cols + B·m·rows·cols``           long sequences with dense directions
+=============== ========================================== =========================================
+
+Squared norms use the same identity on the example with itself,
+``‖G_i‖² = Σ_{t,s} (r_t·r_s)(c_t·c_s)`` (``‖r‖²‖c‖²`` for one position), or the formed matrix,
+whichever is cheaper. Parameters outside covered layers (raw ``nn.Parameter``\\ s, grouped
+convolutions, layers whose hooks fail their check) use exact ``vmap`` gradients restricted to them;
+:attr:`ExactGradients.coverage` lists every parameter's path.
+
+Embedding inputs stay integer tokens (their one-hot side is never formed): Gram products become
+token equality and dense directions are gathered by column.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from traintrace.exceptions import ConfigurationError, NonFiniteGradientError
+from traintrace.features.hooks import Capture
+from traintrace.features.layers import _Group, canonical_matrix, from_canonical
+from traintrace.features.params import Layers
+from traintrace.features.projections import ProjectedGradients
+from traintrace.task import Task
+
+__all__ = ["Directions", "ExactGradients"]
+
+Kind = Literal["loss", "measurement"]
+
+#: Elements of a per-example formed block (``chunk × rows × cols``) held at once.
+_FORM_ELEMENTS = 2**24
+#: Elements of a factored Gram block (``B × m × T × T_q``) held at once.
+_GRAM_ELEMENTS = 2**24
+
+
+@dataclass
+class Directions:
+    """``m`` directions in parameter space, kept per layer group in the cheapest form.
+
+    ``factored[key]`` holds captured terms ``(rows side [m, rows, T], cols side [m, cols, T])``
+    (a query's own gradient); ``dense[key]`` the canonical matrices ``[m, rows, cols]`` (a
+    preconditioned query, an eigenvector); ``flat`` the ``[m, P_dense]`` part outside the groups.
+    A factored group's dense form is built on demand and cached.
+    """
+
+    m: int
+    factored: dict[str, list[tuple[Tensor, Tensor]]] = field(default_factory=dict)
+    dense: dict[str, Tensor] = field(default_factory=dict)
+    flat: Tensor | None = None
+
+
+def _is_tokens(side: Tensor) -> bool:
+    return side.ndim == 2
+
+
+def _positions(side: Tensor) -> int:
+    return side.shape[-1]
+
+
+def _width(side: Tensor, full: int) -> int:
+    """Multiply-adds per position pair of a side's Gram product (1 for tokens)."""
+    return 1 if _is_tokens(side) else full
+
+
+def _valid(tokens: Tensor, dtype: torch.dtype) -> Tensor:
+    return (tokens >= 0).to(dtype)
+
+
+def _cross_gram(x: Tensor, y: Tensor) -> Tensor:
+    """``[B, m, T, T_q]`` dot products of the positions of ``x`` (``B`` rows) and ``y`` (``m``)."""
+    if not _is_tokens(x) and not _is_tokens(y):
+        return torch.einsum("bdt,mds->bmts", x, y)
+    if _is_tokens(x) and _is_tokens(y):
+        eq = x[:, None, :, None] == y[None, :, None, :]
+        return (eq & (x >= 0)[:, None, :, None]).to(torch.get_default_dtype())
+    if _is_tokens(x):  # y dense [m, V, Tq]: column tok of y
+        g = y[:, x.clamp(min=0), :]  # [m, B, T, Tq]
+        return g.permute(1, 0, 2, 3) * _valid(x, y.dtype)[:, None, :, None]
+    g = x[:, y.clamp(min=0), :]  # x dense [B, V, T] -> [B, m, Tq, T]
+    return g.transpose(2, 3) * _valid(y, x.dtype)[None, :, None, :]
+
+
+def _self_gram(x: Tensor, y: Tensor) -> Tensor:
+    """``[B, T_x, T_y]`` dot products between the positions of ``x`` and ``y`` per example."""
+    if not _is_tokens(x) and not _is_tokens(y):
+        return torch.einsum("bdt,bds->bts", x, y)
+    if _is_tokens(x) and _is_tokens(y):
+        eq = x[:, :, None] == y[:, None, :]
+        return (eq & (x >= 0)[:, :, None]).to(torch.get_default_dtype())
+    if _is_tokens(y):
+        idx = y.clamp(min=0)[:, :, None].expand(-1, -1, x.shape[2])
+        g = x.gather(1, idx)  # [B, T_y, T_x]
+        return g.transpose(1, 2) * _valid(y, x.dtype)[:, None, :]
+    return _self_gram(y, x).transpose(1, 2)
+
+
+def _form(terms: list[tuple[Tensor, Tensor]], rows: int, cols: int) -> Tensor:
+    """Per-example canonical matrices ``[B, rows, cols]`` from captured terms."""
+    r0, c0 = terms[0]
+    b = r0.shape[0]
+    dense = r0 if not _is_tokens(r0) else c0
+    out = dense.new_zeros(b, rows, cols)
+    for r, c in terms:
+        if not _is_tokens(r) and not _is_tokens(c):
+            out.baddbmm_(r, c.transpose(1, 2))
+        elif _is_tokens(c):  # columns are one-hot tokens
+            vals = r * _valid(c, r.dtype)[:, None, :]
+            idx = c.clamp(min=0)[:, None, :].expand(-1, rows, -1)
+            out.scatter_add_(2, idx, vals)
+        elif _is_tokens(r):  # rows are one-hot tokens
+            vals = (c * _valid(r, c.dtype)[:, None, :]).transpose(1, 2)
+            idx = r.clamp(min=0)[:, :, None].expand(-1, -1, cols)
+            out.scatter_add_(1, idx, vals)
+    return out
+
+
+def _slice_terms(terms: list[tuple[Tensor, Tensor]], start: int, stop: int) -> list[Any]:
+    return [(r[start:stop], c[start:stop]) for r, c in terms]
+
+
+class ExactGradients:
+    """Exact inner products with per-example gradients of ``l`` (or the measurement) at a state.
+
+    Args:
+        model: the network (evaluated functionally at the state given per call, in eval mode).
+        task: reads batches; gives the training loss and the oriented query measurement.
+        layers: which parameters (``None`` all, ``"last"``, module names).
+
+    The per-example gradient of example ``i`` is never formed unless that is the cheapest
+    contraction for a layer (then only ``chunk × rows × cols`` at a time). Memory per batch: the
+    activations and output gradients of the covered layers, as in one training step.
+    """
+
+    def __init__(self, model: nn.Module, task: Task, layers: Layers = None) -> None:
+        self._pg = ProjectedGradients(model, task, layers, capture=True)
+        self.model = model
+        self.task = task
+        self.names: list[str] = list(self._pg.names)
+        self.layout = self._pg.layout
+        self._groups: list[_Group] = list(self._pg._groups)
+        self._dense_names: list[str] = list(self._pg._dense_names)
+        self._shapes = self._pg._shapes
+        offsets, start = {}, 0
+        for n in self._dense_names:
+            size = int(self._shapes[n].numel())
+            offsets[n] = slice(start, start + size)
+            start += size
+        self._dense_slices: dict[str, slice] = offsets
+        units: dict[str, list[str]] = {}
+        for n in self._dense_names:
+            units.setdefault(n.rsplit(".", 1)[0] if "." in n else n, []).append(n)
+        self._dense_units = units
+
+    # -- description -----------------------------------------------------------------------------
+    @property
+    def coverage(self) -> dict[str, str]:
+        """``{parameter: path}``: ``"hooks:<Linear|Conv2d|Embedding|Conv1D|...>"`` (contracted
+        from the captured factors), ``"vmap"`` (exact per-example gradient, with the reason in
+        :meth:`report`)."""
+        out: dict[str, str] = {}
+        for g in self._groups:
+            for n in g.params:
+                out[n] = f"hooks:{g.type}" if g.hooked else f"vmap ({g.reason})"
+        for n in self._dense_names:
+            why = self._pg._dense_reasons.get(n, "")
+            out[n] = "hooks:norm" if why.startswith("per-example gradient from hooks") else "vmap"
+        return {n: out[n] for n in self.names}
+
+    @property
+    def units(self) -> list[str]:
+        """The layers of layer-wise quantities: one per covered group, one per other module."""
+        return [g.key for g in self._groups] + list(self._dense_units)
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-able description (for fingerprints): parameters, shapes, groups."""
+        return {
+            "engine": "exact/1",
+            "parameters": list(self.names),
+            "shapes": [list(s) for s in self.layout.shapes],
+            "groups": [{"key": g.key, "params": list(g.params)} for g in self._groups],
+        }
+
+    # -- capture -----------------------------------------------------------------------------
+    def capture(
+        self,
+        state: Mapping[str, Tensor],
+        batch: Any,
+        kind: Kind = "loss",
+        *,
+        offset: int = 0,
+        where: str = "",
+    ) -> Capture:
+        """One forward + backward: the per-layer factors of the batch's per-example gradients."""
+        missing = [n for n in self.names if n not in state]
+        if missing:
+            raise ConfigurationError(
+                f"the state has no entry for the selected parameters {missing[:8]}; pass the "
+                "model's full state dict (e.g. Checkpoint.state_for(model))"
+            )
+        cap = self._pg.capture(state, batch, kind, offset=offset, where=where)
+        if not bool(torch.isfinite(cap.values).all()):
+            bad = (~torch.isfinite(cap.values)).nonzero().flatten()[:10]
+            raise NonFiniteGradientError(
+                f"non-finite {'loss' if kind == 'loss' else 'measurement'}"
+                f"{' at ' + where if where else ''} for examples "
+                f"{[int(i) + offset for i in bad]}. Check those inputs and labels for NaN/inf, "
+                "and the checkpoint for NaN weights"
+            )
+        return cap
+
+    def directions(self, cap: Capture) -> Directions:
+        """The captured gradients themselves as directions (``m = cap.size``), factored."""
+        dense = dict(cap.formed)
+        return Directions(cap.size, factored=dict(cap.terms), dense=dense, flat=cap.flat)
+
+    def directions_from_flat(self, flat: Tensor) -> Directions:
+        """Directions from flat vectors ``[m, P]`` in :attr:`layout` order (e.g. ``H⁻¹ q``)."""
+        if flat.ndim != 2 or flat.shape[1] != self.layout.numel:
+            raise ConfigurationError(
+                f"directions must be [m, P={self.layout.numel}], got {tuple(flat.shape)}"
+            )
+        named = {n: flat[:, sl] for n, sl in self._pg._slices.items()}
+        dense = {g.key: canonical_matrix(g, named, self._shapes) for g in self._groups}
+        extra = None
+        if self._dense_names:
+            extra = torch.cat([named[n] for n in self._dense_names], dim=1)
+        return Directions(flat.shape[0], dense=dense, flat=extra)
+
+    def flatten(self, cap: Capture) -> Tensor:
+        """The per-example gradients ``[B, P]`` in :attr:`layout` order (forms them: small only)."""
+        named: dict[str, Tensor] = {}
+        for g in self._groups:
+            named.update(from_canonical(g, self._group_matrix(cap, g), self._shapes))
+        for n, sl in self._dense_slices.items():
+            assert cap.flat is not None
+            named[n] = cap.flat[:, sl]
+        ref = next(iter(named.values()))
+        out = ref.new_zeros(cap.size, self.layout.numel)
+        for n, sl in self._pg._slices.items():
+            if n in named:
+                out[:, sl] = named[n].reshape(cap.size, -1)
+        return out
+
+    def _group_matrix(self, cap: Capture, g: _Group) -> Tensor:
+        if g.key in cap.formed:
+            return cap.formed[g.key]
+        terms = cap.terms.get(g.key)
+        if not terms:  # the layer did not run on this batch: zero gradient
+            ref = cap.values
+            return ref.new_zeros(cap.size, g.rows, g.cols)
+        return _form(terms, g.rows, g.cols)
+
+    def _dense_of(self, dirs: Directions, g: _Group) -> Tensor | None:
+        if g.key not in dirs.dense:
+            terms = dirs.factored.get(g.key)
+            if not terms:
+                return None
+            dirs.dense[g.key] = _form(terms, g.rows, g.cols)
+        return dirs.dense[g.key]
+
+    # -- contractions ---------------------------------------------------------------------------
+    def dot(self, cap: Capture, dirs: Directions, *, per_unit: bool = False) -> Tensor:
+        """``⟨g_i, d_j⟩`` for the batch's examples and the directions: ``[m, B]``.
+
+        With ``per_unit=True``, ``[U, m, B]``: one slice per :attr:`units` entry (layer-wise).
+        """
+        parts: list[Tensor] = []
+        ref = cap.values
+        for g in self._groups:
+            parts.append(self._dot_group(cap, dirs, g, ref))
+        flat_parts = self._dot_flat(cap, dirs, ref)
+        if per_unit:
+            return torch.stack([*parts, *flat_parts]) if parts or flat_parts else ref.new_zeros(0)
+        total = ref.new_zeros(dirs.m, cap.size)
+        for p in (*parts, *flat_parts):
+            total += p
+        return total
+
+    def _dot_flat(self, cap: Capture, dirs: Directions, ref: Tensor) -> list[Tensor]:
+        if not self._dense_names:
+            return []
+        assert cap.flat is not None and dirs.flat is not None
+        out = []
+        for names in self._dense_units.values():
+            cols = torch.cat(
+                [
+                    torch.arange(self._dense_slices[n].start, self._dense_slices[n].stop)
+                    for n in names
+                ]
+            ).to(cap.flat.device)
+            out.append(dirs.flat[:, cols] @ cap.flat[:, cols].T)
+        return out
+
+    def _dot_group(self, cap: Capture, dirs: Directions, g: _Group, ref: Tensor) -> Tensor:
+        m, b = dirs.m, cap.size
+        zero = ref.new_zeros(m, b)
+        train_terms = cap.terms.get(g.key)
+        if g.key in cap.formed:
+            d = self._dense_of(dirs, g)
+            if d is None:
+                return zero
+            return d.reshape(m, -1) @ cap.formed[g.key].reshape(b, -1).T
+        if not train_terms:
+            return zero
+        q_terms = dirs.factored.get(g.key) if g.key not in dirs.dense else None
+        if q_terms is not None:
+            factored = sum(
+                b
+                * m
+                * _positions(r)
+                * _positions(rq)
+                * (
+                    min(_width(r, g.rows), _width(rq, g.rows))
+                    + min(_width(c, g.cols), _width(cq, g.cols))
+                )
+                for r, c in train_terms
+                for rq, cq in q_terms
+            )
+            t_total = sum(_positions(r) for r, _ in train_terms)
+            formed = b * t_total * g.rows * g.cols + b * m * g.rows * g.cols
+            if factored <= formed:
+                return self._dot_factored(train_terms, q_terms, m, b, ref)
+        d = self._dense_of(dirs, g)
+        if d is None:
+            return zero
+        return self._dot_dense(train_terms, d, g, ref)
+
+    @staticmethod
+    def _dot_factored(
+        train: list[tuple[Tensor, Tensor]],
+        query: list[tuple[Tensor, Tensor]],
+        m: int,
+        b: int,
+        ref: Tensor,
+    ) -> Tensor:
+        out = ref.new_zeros(b, m)
+        for r, c in train:
+            for rq, cq in query:
+                per_row = m * _positions(r) * _positions(rq)
+                step = max(1, _GRAM_ELEMENTS // max(1, per_row))
+                for s in range(0, b, step):
+                    rr = _cross_gram(r[s : s + step], rq).to(ref.dtype)
+                    cc = _cross_gram(c[s : s + step], cq).to(ref.dtype)
+                    out[s : s + step] += (rr * cc).sum((2, 3))
+        return out.T
+
+    @staticmethod
+    def _dot_dense(train: list[tuple[Tensor, Tensor]], d: Tensor, g: _Group, ref: Tensor) -> Tensor:
+        """``Σ_t r_tᵀ D_j c_t`` for dense directions ``D`` ``[m, rows, cols]``."""
+        m = d.shape[0]
+        b = train[0][0].shape[0]
+        out = ref.new_zeros(m, b)
+        simple = all(not _is_tokens(r) and (_is_tokens(c) or _positions(r) == 1) for r, c in train)
+        if simple:
+            for r, c in train:
+                if _is_tokens(c):  # gather the token columns of D: [m, rows, B, T]
+                    step = max(1, _FORM_ELEMENTS // max(1, m * g.rows * c.shape[1]))
+                    for s in range(0, b, step):
+                        cs, rs = c[s : s + step], r[s : s + step]
+                        cols = d[:, :, cs.clamp(min=0)]  # [m, rows, b', T]
+                        w = rs * _valid(cs, rs.dtype)[:, None, :]
+                        out[:, s : s + step] += torch.einsum("mrbt,brt->mb", cols, w)
+                else:  # one position: (D c) · r
+                    step = max(1, _FORM_ELEMENTS // max(1, m * g.rows))
+                    flat_d = d.reshape(m * g.rows, g.cols)
+                    for s in range(0, b, step):
+                        dc = (c[s : s + step, :, 0] @ flat_d.T).view(-1, m, g.rows)
+                        out[:, s : s + step] += torch.einsum(
+                            "bmr,br->mb", dc, r[s : s + step, :, 0]
+                        )
+            return out
+        step = max(1, _FORM_ELEMENTS // max(1, g.rows * g.cols))
+        flat_d = d.reshape(m, -1)
+        for s in range(0, b, step):
+            formed = _form(_slice_terms(train, s, s + step), g.rows, g.cols)
+            out[:, s : s + step] = flat_d @ formed.reshape(formed.shape[0], -1).T
+        return out
+
+    def sq_norms(self, cap: Capture, *, per_unit: bool = False) -> Tensor:
+        """``‖g_i‖²`` for the batch's examples, ``[B]`` (``[U, B]`` with ``per_unit=True``)."""
+        ref = cap.values
+        parts = []
+        for g in self._groups:
+            if g.key in cap.formed:
+                parts.append(cap.formed[g.key].reshape(cap.size, -1).square().sum(1))
+                continue
+            terms = cap.terms.get(g.key)
+            if not terms:
+                parts.append(ref.new_zeros(cap.size))
+                continue
+            t_total = sum(_positions(r) for r, _ in terms)
+            gram = cap.size * t_total**2 * (g.rows + g.cols)
+            formed = cap.size * t_total * g.rows * g.cols
+            if gram <= formed:
+                acc = ref.new_zeros(cap.size)
+                for r1, c1 in terms:
+                    for r2, c2 in terms:
+                        acc += (
+                            _self_gram(r1, r2).to(ref.dtype) * _self_gram(c1, c2).to(ref.dtype)
+                        ).sum((1, 2))
+                parts.append(acc)
+            else:
+                acc = ref.new_zeros(cap.size)
+                step = max(1, _FORM_ELEMENTS // max(1, g.rows * g.cols))
+                for s in range(0, cap.size, step):
+                    formed_m = _form(_slice_terms(terms, s, s + step), g.rows, g.cols)
+                    acc[s : s + step] = formed_m.reshape(formed_m.shape[0], -1).square().sum(1)
+                parts.append(acc)
+        if self._dense_names:
+            assert cap.flat is not None
+            for names in self._dense_units.values():
+                parts.append(sum(cap.flat[:, self._dense_slices[n]].square().sum(1) for n in names))
+        out = torch.stack(parts) if parts else ref.new_zeros(0, cap.size)
+        return out if per_unit else out.sum(0)
