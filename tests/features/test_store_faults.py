@@ -252,6 +252,13 @@ META_CASES: dict[str, tuple[Callable[[Path], None], type[Exception], str]] = {
         StoreMismatchError,
         r'(?s)settings\.model: stored "m1", requested "m0".*overwrite_store=True',
     ),
+    "store of an older format": (
+        lambda p: _edit_json(
+            p / "meta.json", lambda m: (m.update(format_version=1), m.pop("integrity"))
+        ),
+        StoreMismatchError,
+        r"(?s)format_version: stored 1, requested 2.*overwrite_store=True",
+    ),
     "meta.json deleted": (
         lambda p: (p / "meta.json").unlink(),
         ConfigurationError,
@@ -438,7 +445,7 @@ def test_a_reader_refuses_a_store_rewritten_under_it(complete: Path) -> None:
 
 def _child_slow_writer(path: str, conn) -> None:
     try:
-        write_all(Path(path), pause=0.02)
+        write_all(Path(path), pause=0.05)
     except Exception as err:
         conn.send(f"{type(err).__name__}: {err}")
     else:
