@@ -420,7 +420,7 @@ def free_disk_bytes(path: str | os.PathLike[str]) -> int:
 
 # ---------------------------------------------------------------------------- writer locks
 _LOCKS: dict[tuple[int, str], tuple[int, set[str]]] = {}  # (pid, lock) -> (fd, holders)
-_LOCKS_GUARD = threading.Lock()
+_LOCKS_GUARD = threading.RLock()  # reentrant: a __del__ may release during a GC inside
 
 
 def _holds_lock(file: Path, token: str) -> bool:
