@@ -141,6 +141,8 @@ def test_save_pretrained_directories(tmp_path, make):
     model.save_pretrained(tmp_path / "out")
     ckpt = tt.Checkpoint(tmp_path / "out", lr=0.1)
     assert ckpt.name == "out"
+    file = tt.Checkpoint(tmp_path / "out" / "model.safetensors", lr=0.1)
+    _assert_same_state(file.state_for(model), model)
     _assert_same_state(ckpt.state_for(model), model)  # GPT-2's lm_head is stored once (tied)
     other = make()
     with torch.no_grad():
@@ -223,6 +225,13 @@ def test_trainer_checkpoint_directory_reads_the_logged_learning_rate(tmp_path):
     d = _trainer_dir(tmp_path / "checkpoint-6", model, global_step=6, log_history=[])
     with pytest.warns(tt.LearningRateWarning, match="NEXT step"):
         assert tt.Checkpoint(d).learning_rate == pytest.approx(0.05)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", tt.LearningRateWarning)
+        found = tt.Checkpoint.from_trainer(tmp_path)
+        assert [c.name for c in found] == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
+        assert [c.learning_rate for c in found] == pytest.approx([0.075, 0.075, 0.05])
+    with pytest.raises(tt.ConfigurationError, match="no checkpoint-<step>"):
+        tt.Checkpoint.from_trainer(tmp_path / "checkpoint-2")
     bad = [{"step": 8, "learning_rate": -0.1}]
     d = _trainer_dir(tmp_path / "checkpoint-8", model, global_step=8, log_history=bad)
     with pytest.raises(tt.LearningRateError, match=r"trainer_state\.json"):

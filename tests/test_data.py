@@ -171,6 +171,9 @@ def test_unsupported_data_is_refused_by_name():
     # an IterableDataset is read in its own order; where n is needed it is refused by name
     loader = as_loader(_Stream(), 4)
     assert sum(len(b[1]) for b in loader) == N
+    assert sum(len(b[1]) for b in as_loader(DataLoader(_Stream(), batch_size=3), 4)) == N
+    with pytest.raises(tt.DataOrderError, match="drop_last"):
+        as_loader(DataLoader(_Stream(), batch_size=3, drop_last=True), 4)
     with pytest.raises(tt.UnsizedDataError, match="has no length"):
         require_length(loader)
     with pytest.raises(tt.EmptyDataError, match="the training data set is empty"):

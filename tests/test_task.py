@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import traintrace as tt
+from traintrace.validation import check_batch
 
 
 def test_split_reads_tensor_tuple_and_mapping_batches():
@@ -221,3 +222,23 @@ def test_forward_error_names_text_columns_and_dtype_mismatch():
         tt.Classification().forward(Net(), {"x": torch.randn(2, 3), "text": ["a", "b"]})
     with pytest.raises(tt.BatchFormatError, match=r"inputs are \['torch.float64'\]"):
         tt.Classification().forward(Net(), (torch.randn(2, 3, dtype=torch.float64), None))
+
+
+def test_binary_single_logit_takes_float_targets_as_bce():
+    s = torch.randn(4, 1)
+    t = torch.tensor([0.0, 1.0, 0.25, 1.0], dtype=torch.float64)
+    torch.testing.assert_close(
+        tt.Classification().loss(s, (None, t)),
+        F.binary_cross_entropy_with_logits(s[:, 0], t.float(), reduction="none"),
+    )
+    hard = torch.tensor([0.0, 1.0, 1.0, 0.0])
+    torch.testing.assert_close(
+        tt.Classification("margin").measurement(s, (None, hard)),
+        tt.Classification("margin").measurement(s, (None, hard.long())),
+    )
+    with pytest.raises(tt.LabelError, match=r"examples \[7\] \(labels \[1.5\]\).*\[0, 1\]"):
+        check_batch(tt.Classification(), s, (None, torch.tensor([0.0, 1.0, 0.5, 1.5])), 4)
+    with pytest.raises(tt.LabelError, match="0 or 1"):
+        check_batch(tt.Classification("margin"), s, (None, t), 0)
+    with pytest.raises(tt.LabelError, match="float labels would be truncated"):
+        tt.Classification().loss(torch.randn(4, 3), (None, hard))

@@ -237,6 +237,31 @@ class Checkpoint:
         if self.lr is not None:
             self.lr = _valid_lr(self.lr, f"checkpoint {self.name}: lr")
 
+    @classmethod
+    def from_trainer(cls, output_dir: str | os.PathLike[str]) -> list[Checkpoint]:
+        """Every ``checkpoint-<step>`` directory of a Hugging Face ``Trainer`` run, by step.
+
+        Each learning rate is read from its ``trainer_state.json`` (or ``optimizer.pt``).
+
+        Raises:
+            ConfigurationError: ``output_dir`` holds no ``checkpoint-<step>`` directory.
+        """
+        root = os.fspath(output_dir)
+        found = []
+        if os.path.isdir(root):
+            for entry in os.listdir(root):
+                prefix, _, step = entry.partition("-")
+                full = os.path.join(root, entry)
+                if prefix == "checkpoint" and step.isdigit() and os.path.isdir(full):
+                    found.append((int(step), entry))
+        if not found:
+            raise ConfigurationError(
+                f"{root!r} holds no checkpoint-<step> directories (as a Hugging Face Trainer "
+                "writes with save_steps / save_strategy); pass the directories or files as "
+                "tt.Checkpoint(path) one by one"
+            )
+        return [cls(os.path.join(root, entry)) for _, entry in sorted(found)]
+
     @property
     def _path(self) -> str | None:
         return None if isinstance(self.state, Mapping) else os.fspath(self.state)

@@ -113,9 +113,15 @@ def as_loader(data: Any, batch_size: int, collate_fn: Collate | None = None) -> 
             )
         _check_order(data)
         if data.collate_fn is default_collate:
+            iterable = isinstance(data.dataset, IterableDataset)
             return DataLoader(
                 data.dataset,
-                batch_sampler=data.batch_sampler,  # checked above: sequential, no drop_last
+                # checked above: sequential, no drop_last
+                **(
+                    {"batch_size": data.batch_size}
+                    if iterable
+                    else {"batch_sampler": data.batch_sampler}
+                ),
                 collate_fn=collate,
                 num_workers=data.num_workers,
                 pin_memory=data.pin_memory,
@@ -171,6 +177,10 @@ def _is_sequence(data: Any) -> bool:
 def _check_order(loader: DataLoader) -> None:
     """Refuse a loader that does not read its data set once, in order, without dropping any."""
     if isinstance(loader.dataset, IterableDataset):
+        if loader.drop_last:
+            raise DataOrderError(
+                "the DataLoader has drop_last=True and would skip examples; use drop_last=False"
+            )
         return  # read in the iterable's own order; samplers do not apply
     sampler = loader.sampler
     name = type(sampler).__name__

@@ -405,8 +405,10 @@ class Classification(Task):
     is ``F.cross_entropy(..., reduction="none")``.
 
     Labels are integer class indices ``[batch]`` (or ``[batch, 1]``); ``bool`` and any integer
-    dtype are accepted. Float labels are refused, even whole numbers (``3.7`` would otherwise
-    be truncated to 3): convert them with ``y.long()``; for soft labels (probabilities, label
+    dtype are accepted. For a single-logit (binary) classifier float targets are also accepted,
+    as ``BCEWithLogits`` takes them: probabilities in ``[0, 1]`` (0/1 for the margin). Otherwise
+    float labels are refused, even whole numbers (``3.7`` would be truncated to 3): convert them
+    with ``y.long()``; for soft labels (probabilities, label
     smoothing) or multi-label targets write a :class:`Task` subclass whose ``loss`` is e.g.
     ``-(y * F.log_softmax(logits, -1)).sum(-1)``. Label values are checked against the number of
     classes by :meth:`validate` (out of range: :class:`LabelError` naming the examples).
@@ -511,10 +513,45 @@ class Classification(Task):
             + (" (a single output is a binary classifier with labels 0/1)" if classes == 2 else "")
         )
 
-    def _labels_for(self, logits: Tensor, batch: Any, *, required: bool) -> Tensor | None:
+    @staticmethod
+    def _is_binary(outputs: Tensor) -> bool:
+        return outputs.ndim == 1 or (outputs.ndim == 2 and outputs.shape[1] == 1)
+
+    def _binary_targets(self, y: Tensor, n: int, offset: int | None, *, exact: bool) -> Tensor:
+        """Float targets of a single-logit (binary) classifier, checked when values are visible.
+
+        ``exact``: they must be 0 or 1 (the margin needs a class); else any probability in
+        ``[0, 1]`` (the loss is ``BCEWithLogits``, which takes soft targets).
+        """
+        if y.numel() != n:
+            raise LabelError(
+                f"a binary classifier needs one target per example, but the labels have shape "
+                f"{tuple(y.shape)} for {n} examples"
+            )
+        t = y.reshape(-1)
+        bad = ~torch.isfinite(t) | (t < 0) | (t > 1)
+        if exact:
+            bad = bad | ((t != 0) & (t != 1))
+        positions = _positions(bad)
+        if positions is not None:
+            where = _label_values(t, positions, offset or 0)
+            if offset is None:
+                where = where.replace("examples", "positions in the batch", 1)
+            need = "0 or 1 (the margin needs a class)" if exact else "probabilities in [0, 1]"
+            raise LabelError(
+                f"{where}: float targets of a binary (single-logit) classifier must be {need}; "
+                "for class indices use integer labels"
+            )
+        return t
+
+    def _labels_for(self, outputs: Tensor, batch: Any, *, required: bool) -> Tensor | None:
+        """Class labels ``long [batch]``, checked against the classes when values are visible."""
         y = self.labels(batch, required=required)
         if y is None:
             return None
+        if self._is_binary(outputs) and isinstance(y, Tensor) and y.is_floating_point():
+            return (self._binary_targets(y, outputs.shape[0], None, exact=True) > 0.5).long()
+        logits = self._logits(outputs)
         y = self._class_labels(y, logits.shape[0])
         positions = _positions(self._bad_labels(y, logits.shape[-1]))
         if positions is not None:  # only outside vmap; validate() names data-set indices
@@ -524,6 +561,9 @@ class Classification(Task):
     def validate(self, outputs: Tensor, batch: Any, offset: int = 0) -> None:
         """Labels are integer class indices in ``[0, classes)`` (or ``ignore_index``).
 
+        For a single-logit (binary) classifier float targets are accepted: probabilities in
+        ``[0, 1]`` for the loss, exactly 0 or 1 for the margin.
+
         Raises:
             LabelError: naming the examples (data-set indices) and their labels.
             BatchFormatError: labels missing where the loss needs them (keys found listed).
@@ -532,14 +572,24 @@ class Classification(Task):
         y = self.labels(batch, required=self.measurement_kind == "loss")
         if y is None or (not self.use_labels and self.measurement_kind == "margin"):
             return
-        flat = self._class_labels(y, batch_size_of(batch))
+        n = batch_size_of(batch)
+        if self._is_binary(outputs) and isinstance(y, Tensor) and y.is_floating_point():
+            self._binary_targets(y, n, offset, exact=self.measurement_kind == "margin")
+            return
+        flat = self._class_labels(y, n)
         positions = _positions(self._bad_labels(flat, classes))
         if positions is not None:
             self._label_error(flat, positions, classes, offset)
 
     def loss(self, outputs: Tensor, batch: Any) -> Tensor:
         logits = self._logits(outputs)
-        y = self._labels_for(logits, batch, required=True)
+        y = self.labels(batch, required=True)
+        if self._is_binary(outputs) and isinstance(y, Tensor) and y.is_floating_point():
+            t = self._binary_targets(y, logits.shape[0], None, exact=False)
+            return F.binary_cross_entropy_with_logits(
+                logits[:, 1], t.to(logits.dtype), reduction="none"
+            )
+        y = self._labels_for(outputs, batch, required=True)
         ignore = _NO_IGNORE if self.ignore_index is None else self.ignore_index
         return F.cross_entropy(logits, y, ignore_index=ignore, reduction="none")
 
@@ -547,7 +597,7 @@ class Classification(Task):
         if self.measurement_kind == "loss":
             return self.loss(outputs, batch)
         logits = self._logits(outputs)
-        y = self._labels_for(logits, batch, required=False) if self.use_labels else None
+        y = self._labels_for(outputs, batch, required=False) if self.use_labels else None
         predicted = logits.argmax(dim=-1)
         if y is None:
             cls = predicted

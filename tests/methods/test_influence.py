@@ -365,3 +365,34 @@ def _no_context():
     import contextlib
 
     return contextlib.nullcontext()
+
+
+def test_evidence_damping_is_chosen_by_select_damping_and_used():
+    model = tiny_mlp(4)
+    x, y = tiny_data(seed=8)
+    ckpt = tt.Checkpoint(model.state_dict())
+    est = tt.InfluenceFunction(
+        model,
+        tt.Classification(),
+        ckpt,
+        hessian="exact",
+        curvature="ggn",
+        damping="evidence",
+        progress=False,
+    ).fit(TensorDataset(x, y))
+    sel = tt.select_damping(model, tt.Classification(), ckpt, TensorDataset(x, y), progress=False)
+    assert est.damping_ == pytest.approx(sel.damping) and est.damping_ > 0
+    explicit = tt.InfluenceFunction(
+        model,
+        tt.Classification(),
+        ckpt,
+        hessian="exact",
+        curvature="ggn",
+        damping=est.damping_,
+        progress=False,
+    ).fit(TensorDataset(x, y))
+    torch.testing.assert_close(
+        est.score(TensorDataset(x[:3], y[:3])), explicit.score(TensorDataset(x[:3], y[:3]))
+    )
+    with pytest.raises(tt.ConfigurationError, match="evidence"):
+        tt.InfluenceFunction(model, tt.Classification(), ckpt, damping="auto")

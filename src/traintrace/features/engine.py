@@ -49,6 +49,7 @@ from traintrace.features.layers import _Group, canonical_matrix, from_canonical
 from traintrace.features.params import Layers
 from traintrace.features.projections import ProjectedGradients
 from traintrace.task import Task
+from traintrace.validation import check_model_dtype
 
 __all__ = ["Directions", "ExactGradients"]
 
@@ -159,6 +160,7 @@ class ExactGradients:
     """
 
     def __init__(self, model: nn.Module, task: Task, layers: Layers = None) -> None:
+        check_model_dtype(model)
         self._pg = ProjectedGradients(model, task, layers, capture=True)
         self.model = model
         self.task = task

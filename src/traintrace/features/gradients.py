@@ -38,6 +38,14 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
             m.training = flag
 
 
+def _under_vmap(t: Tensor) -> bool:
+    """Whether ``t`` is a functorch batched tensor (inside ``vmap``)."""
+    try:
+        return bool(torch._C._functorch.is_batchedtensor(t))
+    except (AttributeError, RuntimeError):  # pragma: no cover - older torch
+        return False
+
+
 class _TaskModule(nn.Module):
     """Wraps model + task so that ``functional_call`` swaps parameters for any custom forward."""
 
@@ -48,6 +56,11 @@ class _TaskModule(nn.Module):
 
     def forward(self, batch: Any, kind: Kind) -> Tensor:
         out = self.task.forward(self.model, batch)
+        if isinstance(out, Tensor) and not _under_vmap(out):
+            # labels against the output size, once per plain (hooked) forward: not under vmap
+            from traintrace.validation import check_batch
+
+            check_batch(self.task, out.detach(), batch)
         if kind == "loss":
             return self.task.loss(out, batch)
         return self.task.oriented_measurement(out, batch)

@@ -235,8 +235,9 @@ class Run:
                     hessian=hessian,
                     damping=cfg.damping,
                     curvature=cfg.curvature,
-                    **common,
-                )
+                    batch_size=cfg.batch_size,
+                    progress=cfg.progress,
+                )  # exact and streamed: no store
             projection = (
                 None
                 if cfg.projection is None

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
+from torch.utils.data import DataLoader
 
 from traintrace.checkpoints import Checkpoint, require_checkpoint
 from traintrace.curvature import (
@@ -19,27 +20,19 @@ from traintrace.curvature import (
     make_solver,
 )
 from traintrace.curvature.operators import CURVATURES, Curvature, curvature_operator
-from traintrace.data import as_loader, dataset_length
 from traintrace.exceptions import ConfigurationError
 from traintrace.features.engine import ExactGradients
 from traintrace.features.params import Layers
-from traintrace.methods.base import Data, Estimator
-from traintrace.methods.streaming import (
-    InverseCurvature,
-    Normalize,
-    check_normalize,
-    stream_scores,
-    stream_self_influence,
-    stream_top_k,
-    train_sq_norms,
-)
-from traintrace.retrieval.topk import TopK, check_k
+from traintrace.methods.base import Data
+from traintrace.methods.gradient import GradientEstimator
+from traintrace.methods.preconditioners import InverseCurvature
+from traintrace.methods.streaming import ExactStream, Normalize
 from traintrace.task import Task, require_task
 
 __all__ = ["InfluenceFunction"]
 
 
-class InfluenceFunction(Estimator):
+class InfluenceFunction(GradientEstimator):
     """Influence of removing a training example on a query's measurement.
 
     ``score(z, z') = (1/n) · ∇f(z', θ)ᵀ (C + λI)⁻¹ ∇l(z, θ)``
@@ -65,7 +58,10 @@ class InfluenceFunction(Estimator):
             ``tt.Arnoldi(rank=...)``, ``tt.KFAC()``, ``tt.EKFAC()``, ``tt.MFAC()`` or one of the
             names ``"exact"``, ``"cg"``, ``"lissa"``, ``"arnoldi"``, ``"mfac"``.
         damping: ``λ >= 0``. ``None``: 0 for the matrix-free solvers, the config's own damping
-            for K-FAC/EK-FAC; M-FAC requires ``λ > 0``.
+            for K-FAC/EK-FAC; M-FAC requires ``λ > 0``. ``"evidence"``: the ``λ`` maximizing the
+            linearized-Laplace evidence (:func:`~traintrace.select_damping`, Gauss–Newton, or the
+            K-FAC/EK-FAC eigenvalues for those), stored as ``damping_`` with the search in
+            ``damping_selection_``.
         curvature: ``"hessian"`` (default; can be indefinite for non-convex models — the exact
             and CG paths then raise and ask for damping), ``"ggn"`` (positive semi-definite) or
             ``"fisher"`` (empirical Fisher). M-FAC always uses the empirical Fisher and
@@ -89,9 +85,10 @@ class InfluenceFunction(Estimator):
     MFAC       ``m`` gradients + ``O(m² P)``             ``O(m P)``
     ========== ========================================= ====================================
 
-    **How it is computed** (:mod:`traintrace.methods.streaming`): the estimator is the engine's
-    exact featurizer × the preconditioner ``P = (1/n)(C + λI)⁻¹``
-    (:class:`~traintrace.methods.streaming.InverseCurvature`) × one checkpoint of weight 1.
+    **How it is computed** (:mod:`traintrace.methods.streaming`): ``R`` = the engine's exact
+    featurizer, ``P = (1/n)(C + λI)⁻¹``
+    (:class:`~traintrace.methods.preconditioners.InverseCurvature`), one checkpoint with
+    ``w = 1`` (:class:`~traintrace.methods.gradient.GradientEstimator`).
     ``fit`` builds the inverse only. ``score`` / ``top_k`` form the ``m`` query gradients of a
     block (``m × P`` numbers), apply the inverse once, and stream the training set once through
     the per-layer contraction ``Σ_t r_tᵀ D c_t``: no training gradient is stored (nothing of size
@@ -113,13 +110,14 @@ class InfluenceFunction(Estimator):
         checkpoint: Checkpoint,
         *,
         hessian: Solver | KFAC | str = "exact",
-        damping: float | None = None,
+        damping: float | Literal["evidence"] | None = None,
         curvature: Curvature = "hessian",
         layers: Layers = None,
         curvature_data: Data | None = None,
         normalize: Normalize | bool = False,
         layerwise: bool = False,
         batch_size: int = 64,
+        collate_fn: Callable[[list[Any]], Any] | None = None,
         query_block: int = 256,
         progress: bool = True,
         **removed: Any,
@@ -142,163 +140,90 @@ class InfluenceFunction(Estimator):
             raise ConfigurationError(
                 f"curvature must be one of {sorted(CURVATURES)}, got {curvature!r}"
             )
-        if damping is not None and not damping >= 0:
-            raise ConfigurationError(f"damping must be >= 0, got {damping}")
-        if isinstance(hessian, KFAC) and damping is not None and hessian.damping != damping:
-            default = KFAC.__dataclass_fields__["damping"].default
-            if hessian.damping != default:
+        if isinstance(damping, str):
+            if damping != "evidence":
                 raise ConfigurationError(
-                    f"damping given twice: InfluenceFunction(damping={damping}) and "
-                    f"{type(hessian).__name__}(damping={hessian.damping}); give it in one place"
+                    f"damping must be a number >= 0 or 'evidence', got {damping!r}"
                 )
-        if batch_size < 1:
-            raise ConfigurationError(f"batch_size must be >= 1, got {batch_size}")
-        if query_block < 1:
-            raise ConfigurationError(f"query_block must be >= 1, got {query_block}")
-        self.model = model
-        self.task = task
+        elif damping is not None and not damping >= 0:
+            raise ConfigurationError(f"damping must be >= 0, got {damping}")
+        if (
+            isinstance(hessian, KFAC)
+            and isinstance(damping, (int, float))
+            and hessian.damping != damping
+            and hessian.damping != KFAC.__dataclass_fields__["damping"].default
+        ):
+            raise ConfigurationError(
+                f"damping given twice: InfluenceFunction(damping={damping}) and "
+                f"{type(hessian).__name__}(damping={hessian.damping}); give it in one place"
+            )
         self.checkpoint = checkpoint
         self.hessian = hessian if isinstance(hessian, KFAC) else make_solver(hessian)
         self.damping = damping
         self.curvature = curvature
         self.layers = layers
         self.curvature_data = curvature_data
-        self.normalize, self.layerwise = check_normalize(normalize, layerwise)
-        self.batch_size = batch_size
-        self.query_block = query_block
-        self.progress = progress
-        self._engine = ExactGradients(model, task, layers)
-
-    @property
-    def parameter_names(self) -> list[str]:
-        """The differentiated parameters, in layout order."""
-        return list(self._engine.names)
-
-    @property
-    def coverage(self) -> dict[str, str]:
-        """Which path (hooks or exact ``vmap``) each parameter's training gradients take."""
-        return self._engine.coverage
+        super().__init__(
+            model,
+            task,
+            [checkpoint],
+            featurizer=ExactStream(ExactGradients(model, task, layers)),
+            preconditioners=[InverseCurvature(None, scale=1.0)],  # the inverse is built by fit
+            weights=[1.0],
+            normalize=normalize,
+            layerwise=layerwise,
+            batch_size=batch_size,
+            collate_fn=collate_fn,
+            query_block=query_block,
+            progress=progress,
+        )
 
     def _inverse(
         self, state: dict[str, Tensor], loader: torch.utils.data.DataLoader
     ) -> InverseOperator | KroneckerInverse:
         if isinstance(self.hessian, KFAC):
             config = self.hessian
-            if self.damping is not None:
-                config = dataclasses.replace(config, damping=self.damping)
+            if self.damping_ is not None:
+                config = dataclasses.replace(config, damping=self.damping_)
             return config.prepare(
                 self.model, self.task, state, loader, self.layers, progress=self.progress
             )
-        damping = 0.0 if self.damping is None else self.damping
+        damping = 0.0 if self.damping_ is None else self.damping_
         kind = "fisher" if isinstance(self.hessian, MFAC) else self.curvature
         operator = curvature_operator(
             kind, self.model, self.task, state, loader, layers=self.layers, damping=damping
         )
         return self.hessian.prepare(operator)
 
-    def fit(self, train: Data) -> InfluenceFunction:
-        """Build the inverse curvature (from ``curvature_data``, default ``train``). Returns ``self``.
-
-        No training gradient is computed or stored here; with ``normalize=`` one capture pass
-        records the per-layer training-gradient norms.
-        """
-        loader = as_loader(train, self.batch_size)
-        n = dataset_length(loader)
-        if n is None:
-            raise ConfigurationError(
-                "InfluenceFunction needs a training set with a length (a map-style Dataset)"
-            )
-        if n == 0:
-            raise ConfigurationError("the training data set is empty")
-        curv_loader = (
-            loader
-            if self.curvature_data is None
-            else as_loader(self.curvature_data, self.batch_size)
-        )
+    def _before_fit(self, loader: DataLoader, n: int) -> None:
+        """Build ``(C + λI)⁻¹`` on ``curvature_data`` (default: the training set)."""
+        curv_loader = loader if self.curvature_data is None else self._loader(self.curvature_data)
         state = self.checkpoint.state_for(self.model)
-        self.inverse_ = self._inverse(state, curv_loader)
-        self.preconditioner_ = InverseCurvature(self.inverse_, 1.0 / n)
-        self._train_loader = loader
-        self.train_sq_norms_: list[Tensor] | None = None
-        if self.normalize:
-            self.train_sq_norms_ = [
-                train_sq_norms(
-                    self._engine,
-                    state,
-                    loader,
-                    self._device(),
-                    n=n,
-                    where=self._name(),
-                    progress=self.progress,
-                )
-            ]
-        self.n_train_ = n
-        return self
+        self.damping_ = self.damping
+        if self.damping == "evidence":
+            # the prior precision that maximizes the linearized-Laplace evidence (MacKay; Immer
+            # et al. 2021) on the curvature data; on traintrace's scale (C + λI)
+            from traintrace.curvature.laplace import select_damping
 
-    def _device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    def _name(self) -> str:
-        return f"checkpoint {self.checkpoint.name}"
-
-    def _stream_args(self) -> dict[str, Any]:
-        return {
-            "engine": self._engine,
-            "states": lambda _c: self.checkpoint.state_for(self.model),
-            "weights": [1.0],
-            "preconditioners": [self.preconditioner_],
-            "names": [self._name()],
-            "train": self._train_loader,
-            "device": self._device(),
-            "n": self.n_train_,
-        }
-
-    def _score_blocks(self, queries: Data) -> Iterator[Tensor]:
-        self._check_fitted()
-        yield from stream_scores(
-            queries=as_loader(queries, self.batch_size),
-            query_block=self.query_block,
-            normalize=self.normalize,
-            layerwise=self.layerwise,
-            train_norms=self.train_sq_norms_,
-            progress=self.progress,
-            **self._stream_args(),
-        )
-
-    def top_k(self, queries: Data, k: int = 10) -> TopK:
-        """The ``k`` strongest proponents and opponents of each query, ``[n_query, k]`` each.
-
-        Exact and streamed: memory ``[m, k]`` plus one training batch (module docs).
-        """
-        self._check_fitted()
-        check_k(k, self.n_train_)
-        return stream_top_k(
-            queries=as_loader(queries, self.batch_size),
-            k=k,
-            query_block=self.query_block,
-            normalize=self.normalize,
-            layerwise=self.layerwise,
-            train_norms=self.train_sq_norms_,
-            progress=self.progress,
-            **self._stream_args(),
-        )
-
-    def self_influence(self) -> Tensor:
-        """``(1/n) ∇l(z)ᵀ (C + λI)⁻¹ ∇l(z)`` for every training example, ``[n_train]``.
-
-        Large values flag examples the model bends to fit (mislabeled, rare). Cost: one pass
-        over the training set; Arnoldi uses ``r`` engine contractions per example (no
-        per-example gradient), the other inverses form each batch's gradients (``B × P``) and
-        apply the inverse (``n`` iterative solves for CG and LiSSA).
-
-        Raises:
-            ConfigurationError: with ``normalize=`` (a renormalized self-score ranks by
-                ``‖g‖`` only through the curvature; use ``normalize=False``).
-        """
-        self._check_fitted()
-        if self.normalize:
-            raise ConfigurationError(
-                "self_influence() of a renormalized InfluenceFunction is not a ranking of "
-                "suspicious examples; use tt.InfluenceFunction(..., normalize=False)"
+            kind = self.hessian if isinstance(self.hessian, KFAC) else "ggn"
+            self.damping_selection_ = select_damping(
+                self.model,
+                self.task,
+                self.checkpoint,
+                curv_loader,
+                curvature=kind,
+                layers=self.layers,
+                batch_size=self.batch_size,
+                progress=self.progress,
             )
-        return stream_self_influence(progress=self.progress, **self._stream_args())
+            self.damping_ = float(self.damping_selection_.damping)
+        self.inverse_ = self._inverse(state, curv_loader)
+        precond = self.preconditioners[0]
+        assert isinstance(precond, InverseCurvature)
+        precond.reset(self.inverse_, 1.0 / n)
+
+    @property
+    def preconditioner_(self) -> InverseCurvature:
+        """``P = (1/n)(C + λI)⁻¹`` (after ``fit``)."""
+        self._check_fitted()
+        return self.preconditioners[0]  # type: ignore[return-value]

@@ -11,9 +11,7 @@ per-layer factors (:class:`~traintrace.features.engine.ExactGradients`). Nothing
 ``n × P`` is formed or stored; memory is one training batch's activations plus the ``[m, n]``
 result (``top_k`` keeps only ``[m, k]``).
 
-Preconditioners (:class:`Preconditioner`): :class:`Identity` (TracIn) and
-:class:`InverseCurvature` (influence functions: any solver, K-FAC/EK-FAC, Arnoldi's low-rank
-inverse). Normalized variants divide each checkpoint's term by gradient norms from the same
+Preconditioners: :mod:`traintrace.methods.preconditioners`. Normalized variants divide each checkpoint's term by gradient norms from the same
 capture: ``normalize="train"`` by ``‖∇l(z, θ_c)‖`` (renormalized influence), ``"cosine"`` also
 by ``‖∇f(z', θ_c)‖`` (GAS); ``layerwise=True`` does so per layer and sums over layers.
 """
@@ -21,24 +19,26 @@ by ``‖∇f(z', θ_c)‖`` (GAS); ``layerwise=True`` does so per layer and sums
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from traintrace.data import batch_size_of, iterate_batches
+from traintrace.data import DataHasher, batch_size_of, iterate_batches
 from traintrace.exceptions import ConfigurationError, NonFiniteGradientError
 from traintrace.features.engine import Directions, ExactGradients
 from traintrace.features.hooks import Capture
+from traintrace.methods.preconditioners import Identity, Preconditioner
 from traintrace.retrieval.topk import Ranking, TopK
 
+if TYPE_CHECKING:
+    from traintrace.methods.gradient import GradientEstimator
+
 __all__ = [
-    "Identity",
-    "InverseCurvature",
+    "ExactStream",
     "Normalize",
-    "Preconditioner",
     "check_normalize",
     "stream_scores",
     "stream_self_influence",
@@ -67,72 +67,6 @@ def check_normalize(normalize: Any, layerwise: Any) -> tuple[Normalize, bool]:
             "layerwise=True normalizes per layer: choose normalize='train' or 'cosine' with it"
         )
     return normalize, layerwise
-
-
-class Preconditioner(Protocol):
-    """``P`` of the one formula: applied to query gradients once, quadratic form for self-influence."""
-
-    def directions(self, engine: ExactGradients, cap: Capture) -> Directions:
-        """``P ∇f(z')`` for a captured block of queries, as engine directions."""
-        ...
-
-    def quadratic(self, engine: ExactGradients, cap: Capture) -> Tensor:
-        """``∇l(z)ᵀ P ∇l(z)`` for a captured batch of training examples, ``[B]``."""
-        ...
-
-    def describe(self) -> dict[str, Any]:
-        """JSON-able settings."""
-        ...
-
-
-class Identity:
-    """``P = I`` (TracIn): the query's captured gradient is contracted as it is (factored)."""
-
-    def directions(self, engine: ExactGradients, cap: Capture) -> Directions:
-        return engine.directions(cap)
-
-    def quadratic(self, engine: ExactGradients, cap: Capture) -> Tensor:
-        return engine.sq_norms(cap)
-
-    def describe(self) -> dict[str, Any]:
-        return {"preconditioner": "identity"}
-
-
-class InverseCurvature:
-    """``P = scale · (C + λI)⁻¹`` through any inverse operator with ``solve(v [m, P])``.
-
-    The query gradients are formed once per block (``m × P``), solved, and contracted densely
-    per layer. A low-rank inverse (Arnoldi, ``U diag(1/λ) Uᵀ``) computes self-influence from the
-    ``r`` coordinates ``Uᵀ g`` through the engine (cost ``r`` contractions per example, no
-    per-example gradient); other inverses form each training gradient batch by batch and solve.
-    """
-
-    def __init__(self, inverse: Any, scale: float) -> None:
-        self.inverse = inverse
-        self.scale = float(scale)
-        self._basis: Directions | None = None
-
-    def _low_rank(self) -> bool:
-        return hasattr(self.inverse, "eigenvectors") and hasattr(self.inverse, "project")
-
-    def directions(self, engine: ExactGradients, cap: Capture) -> Directions:
-        q = engine.flatten(cap)
-        solved = self.inverse.solve(q).to(q.dtype) * self.scale
-        return engine.directions_from_flat(solved)
-
-    def quadratic(self, engine: ExactGradients, cap: Capture) -> Tensor:
-        if self._low_rank():
-            if self._basis is None:
-                u = self.inverse.eigenvectors
-                self._basis = engine.directions_from_flat(u.T.to(cap.values.dtype))
-            coords = engine.dot(cap, self._basis)  # [r, B]
-            lam = self.inverse.eigenvalues.to(coords)
-            return (coords.square() / lam[:, None]).sum(0) * self.scale
-        g = engine.flatten(cap)
-        return (self.inverse.solve(g).to(g.dtype) * g).sum(1) * self.scale
-
-    def describe(self) -> dict[str, Any]:
-        return {"preconditioner": repr(self.inverse), "scale": self.scale}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -458,3 +392,94 @@ def stream_self_influence(
     if out is None:
         raise ConfigurationError("the training data set is empty")
     return out.cpu()
+
+
+class ExactStream:
+    """The exact featurizer (``R = I``): the engine's captures, streamed; nothing stored.
+
+    ``fit`` records, in one capture pass per checkpoint, the per-layer squared training-gradient
+    norms (``[U, n]`` per checkpoint: self-influence for ``P = I`` and the normalized variants)
+    and a full-content fingerprint of the training data, unless the estimator needs neither.
+    ``score`` / ``top_k`` stream (module docs); ``top_k`` is always exact.
+    """
+
+    kind = "exact"
+
+    def __init__(self, engine: ExactGradients) -> None:
+        self.engine = engine
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.engine.names)
+
+    @property
+    def coverage(self) -> dict[str, str]:
+        return self.engine.coverage
+
+    def describe(self) -> dict[str, Any]:
+        return self.engine.describe()
+
+    def _needs_norms(self, est: GradientEstimator) -> bool:
+        return bool(est.normalize) or all(isinstance(p, Identity) for p in est.preconditioners)
+
+    def fit(self, est: GradientEstimator, loader: DataLoader, n: int) -> None:
+        est.train_sq_norms_ = None
+        if self._needs_norms(est):
+            hasher = DataHasher()
+            est.train_sq_norms_ = [
+                train_sq_norms(
+                    self.engine,
+                    est.state(c),
+                    loader,
+                    est.device,
+                    n=n,
+                    where=est.checkpoint_names[c],
+                    progress=est.progress,
+                    on_batch=hasher.update if c == 0 else None,
+                )
+                for c in range(len(est.checkpoints))
+            ]
+            #: full-content fingerprint of the training data seen by ``fit``
+            est.data_fingerprint_ = hasher.hexdigest()
+        self._train = loader
+
+    def _args(self, est: GradientEstimator) -> dict[str, Any]:
+        return {
+            "engine": self.engine,
+            "states": est.state,
+            "weights": est.weights,
+            "preconditioners": est.preconditioners,
+            "names": est.checkpoint_names,
+            "train": self._train,
+            "device": est.device,
+            "n": est.n_train_,
+            "progress": est.progress,
+        }
+
+    def _query_args(self, est: GradientEstimator) -> dict[str, Any]:
+        return {
+            "query_block": est.query_block,
+            "normalize": est.normalize,
+            "layerwise": est.layerwise,
+            "train_norms": est.train_sq_norms_,
+        }
+
+    def score_blocks(self, est: GradientEstimator, queries: DataLoader) -> Iterator[Tensor]:
+        yield from stream_scores(queries=queries, **self._args(est), **self._query_args(est))
+
+    def top_k(self, est: GradientEstimator, queries: DataLoader, k: int, method: str) -> TopK:
+        if method not in ("exact", "auto"):
+            raise ConfigurationError(
+                f"top_k(method={method!r}): the exact streaming path has no index; an "
+                "approximate FAISS search needs stored features (projection= or store=)"
+            )
+        return stream_top_k(queries=queries, k=k, **self._args(est), **self._query_args(est))
+
+    def self_influence(self, est: GradientEstimator) -> Tensor:
+        norms = est.train_sq_norms_
+        if norms is not None and all(isinstance(p, Identity) for p in est.preconditioners):
+            total = torch.zeros(est.n_train_, dtype=norms[0].dtype)
+            for w, sq in zip(est.weights, norms, strict=True):
+                total += w * sq.sum(0).cpu()
+            return total
+        return stream_self_influence(**self._args(est))

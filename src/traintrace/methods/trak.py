@@ -2,28 +2,29 @@
 
 from __future__ import annotations
 
-import dataclasses
+import os
 import warnings
-from collections.abc import Sequence
-from typing import Literal
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
 
-import torch
-from torch import Tensor, nn
+from torch import nn
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from traintrace.checkpoints import Checkpoint
-from traintrace.data import as_loader, iterate_batches
-from traintrace.exceptions import ConfigurationError, NotPositiveDefiniteError
+from traintrace.data import iterate_batches
+from traintrace.exceptions import ConfigurationError
 from traintrace.features.params import Layers
 from traintrace.features.projections import Projection
-from traintrace.methods.base import Data
-from traintrace.methods.tracin import TracIn
+from traintrace.methods.gradient import GradientEstimator
+from traintrace.methods.preconditioners import Gram, Identity
+from traintrace.methods.tracin import checkpoint_list, stored_featurizer
 from traintrace.task import Task
 
 __all__ = ["TRAK"]
 
 
-class TRAK(TracIn):
+class TRAK(GradientEstimator):
     """TRAK: ``score(z_i, z') = (1/M) Σ_m q_m(z')ᵀ (Φ_mᵀ Φ_m + λI)⁻¹ g_m(z_i)``.
 
     ``m`` runs over ``M`` independently trained models (one checkpoint each: the ensemble),
@@ -57,6 +58,10 @@ class TRAK(TracIn):
     gradients, stored; measurement gradients, folded into the ``k × k`` matrix ``ΦᵀΦ`` and not
     stored — one pass when the measurement is the loss) plus a ``k³`` factorization per model;
     queries are TracIn's plus a ``k × k`` product per query and model.
+
+    Composition (:class:`~traintrace.methods.gradient.GradientEstimator`): ``R`` = the projected
+    store, ``P_m = (Φ_mᵀΦ_m + λI)⁻¹`` (:class:`~traintrace.methods.preconditioners.Gram`) or
+    ``I``, ``w_m = 1/M``.
     """
 
     def __init__(
@@ -69,10 +74,18 @@ class TRAK(TracIn):
         damping: float | None = None,
         preconditioner: Literal["inverse", "identity"] = "inverse",
         layers: Layers = None,
-        **kwargs: object,
+        store: str | os.PathLike[str] | None = None,
+        overwrite_store: bool = False,
+        store_dtype: Literal["float16", "float32", "float64"] | None = None,
+        chunk_size: int | None = None,
+        batch_size: int = 64,
+        collate_fn: Callable[[list[Any]], Any] | None = None,
+        query_block: int = 1024,
+        max_disk_gib: float = 256.0,
+        progress: bool = True,
+        **removed: Any,
     ) -> None:
-        if isinstance(checkpoints, Checkpoint):
-            checkpoints = [checkpoints]
+        checkpoints = checkpoint_list(checkpoints, "TRAK")
         if projection is None:
             raise ConfigurationError(
                 "TRAK needs a projection (projection=k): its preconditioner ΦᵀΦ is k × k"
@@ -83,90 +96,86 @@ class TRAK(TracIn):
             )
         if damping is not None and not damping >= 0:
             raise ConfigurationError(f"damping must be >= 0, got {damping}")
-        if "normalize" in kwargs:
+        if "normalize" in removed:
             raise ConfigurationError("TRAK has no cosine variant (normalize=)")
-        models = [dataclasses.replace(c, lr=1.0 / len(checkpoints)) for c in checkpoints or []]
-        super().__init__(model, task, models, layers=layers, projection=projection, **kwargs)  # type: ignore[arg-type]
+        if removed:
+            raise ConfigurationError(f"TRAK got unexpected arguments {sorted(removed)}")
+        self.projection = Projection.coerce(projection)
+        featurizer = stored_featurizer(
+            model,
+            task,
+            layers,
+            self.projection,
+            store=store,
+            overwrite_store=overwrite_store,
+            store_dtype=store_dtype,
+            chunk_size=chunk_size,
+            max_disk_gib=max_disk_gib,
+        )
+        k = featurizer.width
+        preconds: list[Any] = [
+            Gram(k, damping) if preconditioner == "inverse" else Identity() for _ in checkpoints
+        ]
+        super().__init__(
+            model,
+            task,
+            checkpoints,
+            featurizer=featurizer,
+            preconditioners=preconds,
+            weights=[1.0 / len(checkpoints)] * len(checkpoints),
+            batch_size=batch_size,
+            collate_fn=collate_fn,
+            query_block=query_block,
+            progress=progress,
+        )
+        self.layers = layers
         self.damping = damping
         self.preconditioner = preconditioner
+
+    @property
+    def lrs(self) -> list[float]:
+        """The checkpoint weights ``1/M`` (kept for code that reads ``.lrs``)."""
+        return list(self.weights)
 
     def _measurement_is_loss(self) -> bool:
         return getattr(self.task, "measurement_kind", None) == "loss"
 
-    def fit(self, train: Data) -> TRAK:
-        """Store ``g_m`` for every model (resumable), then build ``(Φ_mᵀΦ_m + λI)⁻¹``."""
-        super().fit(train)
+    def _after_fit(self, loader: DataLoader, n: int) -> None:
+        """Build ``(Φ_mᵀΦ_m + λI)⁻¹`` per model from the store (or a Φ pass)."""
         if self.preconditioner == "identity":
-            self.preconditioners_ = None
-            return self
-        loader = as_loader(train, self.batch_size)
-        device = next(self.model.parameters()).device
-        k = self._features.width
-        if k >= self.n_train_:
+            return
+        k = self.featurizer.width
+        if k >= n:
             warnings.warn(
-                f"TRAK: {k} features for {self.n_train_} training examples: ΦᵀΦ has rank at most "
-                f"{self.n_train_}, so (ΦᵀΦ + λI)⁻¹ is governed by the damping in its null space "
+                f"TRAK: {k} features for {n} training examples: ΦᵀΦ has rank at most "
+                f"{n}, so (ΦᵀΦ + λI)⁻¹ is governed by the damping in its null space "
                 "and scores degrade; use a projection well below the number of examples",
                 RuntimeWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
-        inverses = []
-        for c, ckpt in enumerate(self.checkpoints):
-            kernel = torch.zeros(k, k, dtype=torch.float64)
+        self.dampings_ = []
+        for c, gram in enumerate(self.preconditioners):
+            assert isinstance(gram, Gram)
+            gram.reset()
             if self._measurement_is_loss():  # Φ = G: read it back from the store
                 for _, rows in self.store_.iter_chunks(c):
-                    kernel += rows.double().T @ rows.double()
+                    gram.accumulate(rows)
             else:
-                state = ckpt.state_for(self.model)
+                state = self.state(c)
                 for offset, batch in tqdm(
-                    iterate_batches(loader, device),
-                    desc=f"TRAK Φᵀ Φ ({ckpt.name})",
+                    iterate_batches(loader, self.device),
+                    desc=f"TRAK Φᵀ Φ ({self.checkpoints[c].name})",
                     unit="batch",
                     disable=not self.progress,
                     leave=False,
                 ):
-                    phi = (
-                        self._features.features(
-                            state, batch, "measurement", offset=offset, where=f"{ckpt.name} (Φ)"
+                    gram.accumulate(
+                        self.featurizer.features.features(
+                            state,
+                            batch,
+                            "measurement",
+                            offset=offset,
+                            where=f"{self.checkpoint_names[c]} (Φ)",
                         )
-                        .double()
-                        .cpu()
                     )
-                    kernel += phi.T @ phi
-            damping = self.damping
-            if damping is None:
-                damping = 1e-6 * float(kernel.diagonal().sum()) / k
-            kernel.diagonal().add_(damping)
-            factor, info = torch.linalg.cholesky_ex(kernel)
-            if int(info) != 0:
-                raise NotPositiveDefiniteError(
-                    f"TRAK: ΦᵀΦ + λI (λ={damping:g}) is not positive definite for {ckpt.name}; "
-                    f"with {self.n_train_} training examples and k={k} features, use a smaller "
-                    "projection or damping > 0"
-                )
-            inverses.append(torch.cholesky_inverse(factor))
-        self.preconditioners_ = inverses
-        return self
-
-    def _prepare_queries(self, qs: list[Tensor]) -> list[Tensor]:
-        if self.preconditioners_ is None:
-            return qs
-        return [
-            (q.cpu().double() @ a).to(q.dtype)
-            for q, a in zip(qs, self.preconditioners_, strict=True)
-        ]
-
-    def self_influence(self) -> Tensor:
-        """``(1/M) Σ_m g_m(z)ᵀ (Φ_mᵀΦ_m + λI)⁻¹ g_m(z)`` (loss gradients on both sides), ``[n]``.
-
-        Cost: one read of the store and a ``k × k`` product per example and model.
-        """
-        self._check_fitted()
-        if self.preconditioners_ is None:
-            return super().self_influence()
-        out = torch.zeros(self.n_train_, dtype=torch.float64)
-        for c, (lr, a) in enumerate(zip(self.lrs, self.preconditioners_, strict=True)):
-            for start, rows in self.store_.iter_chunks(c):
-                g = rows.double()
-                out[start : start + len(g)] += lr * ((g @ a) * g).sum(dim=1)
-        return out.to(self.store_.read_dtype)
+            self.dampings_.append(gram.finish(self.checkpoint_names[c], n))

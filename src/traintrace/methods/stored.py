@@ -1,0 +1,301 @@
+"""The stored featurizer: projected training features in an on-disk store, queried many times.
+
+``fit`` writes ``R ∇l(z, θ_c)`` for every training example and checkpoint into a
+:class:`~traintrace.FeatureStore` (resumable chunk by chunk; ``torchrun`` ranks share the
+chunks); queries touch only the cheap side: ``P_c R ∇f(z', θ_c)`` per block, then one streaming
+read of the store (``retrieval.exact``), or a FAISS index when asked. Choose it to serve many
+query sets later; the exact engine (:class:`~traintrace.methods.streaming.ExactStream`) is the
+choice when the queries are known up front.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.utils.data import DataLoader, Subset
+from tqdm.auto import tqdm
+
+from traintrace.checkpoints import model_fingerprint
+from traintrace.data import batch_size_of, dataset_fingerprint, iterate_batches
+from traintrace.exceptions import ConfigurationError, FeatureMemoryError
+from traintrace.features.projections import ProjectedGradients
+from traintrace.features.store import FeatureStore
+from traintrace.methods.preconditioners import Identity
+from traintrace.retrieval import exact as exact_retrieval
+from traintrace.retrieval.faiss_index import top_k as retrieval_top_k
+from traintrace.retrieval.topk import Ranking, TopK
+
+if TYPE_CHECKING:
+    from traintrace.methods.gradient import GradientEstimator
+
+__all__ = ["ProjectedStore", "distributed_rank"]
+
+_GIB = 2**30
+StoreDtype = Literal["float16", "float32", "float64"]
+
+
+def distributed_rank() -> tuple[int, int]:
+    """``(rank, world_size)`` under ``torchrun`` / an initialized process group, else ``(0, 1)``."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _chunk_loader(loader: DataLoader, start: int, stop: int, batch_size: int) -> DataLoader:
+    """The examples ``[start, stop)`` of ``loader``'s data set, batched like ``loader``."""
+    return DataLoader(
+        Subset(loader.dataset, range(start, stop)),
+        batch_size=loader.batch_size or batch_size,
+        shuffle=False,
+        collate_fn=loader.collate_fn,
+        num_workers=loader.num_workers,
+        pin_memory=loader.pin_memory,
+    )
+
+
+class ProjectedStore:
+    """``R`` = a projection (or none), with the training features kept in a store.
+
+    Args:
+        features: the :class:`~traintrace.ProjectedGradients` map ``g ↦ R g``.
+        store: the store directory (``None``: a temporary one, removed with the estimator).
+        overwrite_store: replace a store written with other settings instead of refusing it.
+        store_dtype: ``"float32"``, ``"float16"`` (half the disk) or ``"float64"``.
+        chunk_size: training examples per chunk (the unit of resumption and of ``torchrun``
+            work sharing).
+        max_disk_gib: refuse, before any work, a store larger than this.
+
+    Cost: ``fit`` is one forward+backward per training example per checkpoint and
+    ``C × n × width`` numbers on disk; a query block costs one forward+backward per query and
+    checkpoint plus one streaming read of the store.
+    """
+
+    kind = "store"
+
+    def __init__(
+        self,
+        features: ProjectedGradients,
+        *,
+        store: str | os.PathLike[str] | None,
+        overwrite_store: bool,
+        store_dtype: StoreDtype,
+        chunk_size: int | None,
+        max_disk_gib: float,
+    ) -> None:
+        self.features = features
+        self.store_path = store
+        self.overwrite_store = overwrite_store
+        self.store_dtype = store_dtype
+        self.chunk_size = chunk_size
+        self.max_disk_gib = max_disk_gib
+        self._tmpdir: tempfile.TemporaryDirectory[str] | None = None
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.features.names)
+
+    @property
+    def coverage(self) -> dict[str, str]:
+        return dict(self.features.coverage)
+
+    @property
+    def width(self) -> int:
+        return self.features.width
+
+    def describe(self) -> dict[str, Any]:
+        return self.features.describe()
+
+    # -- fit -------------------------------------------------------------------------------------
+    def _settings(self, est: GradientEstimator, loader: DataLoader, n: int) -> dict[str, Any]:
+        return {
+            "estimator": type(est).__name__,
+            "model": model_fingerprint(est.model),
+            "task": repr(est.task),
+            "features": self.features.describe(),
+            "checkpoints": [
+                {"name": c.name, "weight": w, "fingerprint": c.fingerprint(est.model)}
+                for c, w in zip(est.checkpoints, est.weights, strict=True)
+            ],
+            "data": {"n": n, "fingerprint": dataset_fingerprint(loader)},
+        }
+
+    def _open(
+        self, est: GradientEstimator, loader: DataLoader, n: int, rank: int, world: int
+    ) -> FeatureStore:
+        width = self.width
+        itemsize = {"float16": 2, "float32": 4, "float64": 8}[self.store_dtype]
+        count = len(est.checkpoints)
+        need = n * width * count * itemsize / _GIB
+        if need > self.max_disk_gib:
+            raise FeatureMemoryError(
+                f"{type(est).__name__} would store {n} examples × {width} features × {count} "
+                f"checkpoints = {need:.2f} GiB, above max_disk_gib={self.max_disk_gib}. Use a "
+                "projection (projection=4096), layers='last', fewer checkpoints, "
+                "store_dtype='float16', or raise max_disk_gib."
+            )
+        if self.store_path is None:
+            if world > 1:
+                raise ConfigurationError(
+                    "under torchrun every rank must write the same store: pass store='path' "
+                    "(a directory all ranks can reach)"
+                )
+            self._tmpdir = tempfile.TemporaryDirectory(prefix="traintrace-store-")
+            path = os.path.join(self._tmpdir.name, "store")
+        else:
+            path = os.fspath(self.store_path)
+        parent = os.path.dirname(os.path.abspath(path)) or "."
+        probe = parent
+        while not os.path.exists(probe):
+            probe = os.path.dirname(probe)
+        free = shutil.disk_usage(probe).free / _GIB
+        if need > free and not os.path.exists(path):
+            raise FeatureMemoryError(
+                f"the feature store needs {need:.2f} GiB but only {free:.2f} GiB are free at "
+                f"{path}; use a projection, store_dtype='float16' or another store path"
+            )
+        return FeatureStore.open(
+            path,
+            self._settings(est, loader, n),
+            n=n,
+            width=width,
+            checkpoints=count,
+            dtype=self.store_dtype,
+            chunk_size=self.chunk_size,
+            overwrite=self.overwrite_store and rank == 0,
+            rank=rank,
+            world_size=world,
+            durable=self.store_path is not None,  # a temporary store need not survive power loss
+        )
+
+    def fit(self, est: GradientEstimator, loader: DataLoader, n: int) -> None:
+        """Featurize the training set at every checkpoint into the store (resumable)."""
+        rank, world = distributed_rank()
+        if world > 1 and self.overwrite_store:
+            if rank == 0:
+                self._open(est, loader, n, rank, world)
+            dist.barrier()
+        store = self._open(est, loader, n, rank, world)
+        chunks = store.chunks()
+        work = [(c, i) for c in range(len(est.checkpoints)) for i in store.pending(c)]
+        bar = tqdm(
+            total=sum(chunks[i][1] - chunks[i][0] for _, i in work),
+            desc=f"{type(est).__name__} fit{f' (rank {rank}/{world})' if world > 1 else ''}",
+            unit="ex",
+            disable=not est.progress,
+        )
+        state_of: dict[int, dict[str, Tensor]] = {}
+        for c, i in work:
+            if c not in state_of:
+                state_of.clear()  # one checkpoint's state in memory at a time
+                state_of[c] = est.state(c)
+            start, stop = chunks[i]
+            rows = []
+            for offset, batch in iterate_batches(
+                _chunk_loader(loader, start, stop, est.batch_size), est.device
+            ):
+                rows.append(
+                    self.features.features(
+                        state_of[c],
+                        batch,
+                        "loss",
+                        offset=start + offset,
+                        where=est.checkpoint_names[c],
+                    )
+                )
+                bar.update(batch_size_of(batch))
+            store.write_chunk(c, i, torch.cat(rows))
+        bar.close()
+        if world > 1:
+            dist.barrier()
+        store.finalize()
+        store.require_complete()
+        est.store_ = store
+
+    # -- queries ---------------------------------------------------------------------------------
+    def _query_blocks(self, est: GradientEstimator, queries: DataLoader) -> Iterator[list[Tensor]]:
+        """Per-checkpoint preconditioned query features ``[m, width]`` (on the CPU) per block."""
+        states = [est.state(c) for c in range(len(est.checkpoints))]
+        pending: list[list[Tensor]] = [[] for _ in states]
+        count = 0
+        for offset, batch in tqdm(
+            iterate_batches(queries, est.device),
+            desc=f"{type(est).__name__} queries",
+            unit="batch",
+            disable=not est.progress,
+            leave=False,
+        ):
+            for c, state in enumerate(states):
+                pending[c].append(
+                    self.features.features(
+                        state,
+                        batch,
+                        "measurement",
+                        offset=offset,
+                        where=f"{est.checkpoint_names[c]} (query)",
+                    )
+                )
+            count += batch_size_of(batch)
+            if count >= est.query_block:
+                yield self._prepared(est, pending)
+                pending, count = [[] for _ in states], 0
+        if count:
+            yield self._prepared(est, pending)
+
+    @staticmethod
+    def _prepared(est: GradientEstimator, pending: list[list[Tensor]]) -> list[Tensor]:
+        return [
+            p.apply_features(torch.cat(q)).cpu()
+            for p, q in zip(est.preconditioners, pending, strict=True)
+        ]
+
+    def score_blocks(self, est: GradientEstimator, queries: DataLoader) -> Iterator[Tensor]:
+        for qs in self._query_blocks(est, queries):
+            yield exact_retrieval.score(
+                est.store_, qs, est.weights, normalize=est.normalize == "cosine"
+            )
+
+    def top_k(self, est: GradientEstimator, queries: DataLoader, k: int, method: str) -> TopK:
+        parts = [
+            retrieval_top_k(
+                est.store_,
+                qs,
+                est.weights,
+                k,
+                normalize=est.normalize == "cosine",
+                method=method,  # type: ignore[arg-type]
+            )
+            for qs in self._query_blocks(est, queries)
+        ]
+        if not parts:
+            raise ConfigurationError("no queries: the query data set is empty")
+        return TopK(
+            proponents=Ranking(
+                torch.cat([p.proponents.indices for p in parts]),
+                torch.cat([p.proponents.scores for p in parts]),
+            ),
+            opponents=Ranking(
+                torch.cat([p.opponents.indices for p in parts]),
+                torch.cat([p.opponents.scores for p in parts]),
+            ),
+        )
+
+    def self_influence(self, est: GradientEstimator) -> Tensor:
+        """``Σ_c w_c gᵀ P_c g`` from the stored rows (``P = I``: the stored norms only)."""
+        store = est.store_
+        if all(isinstance(p, Identity) for p in est.preconditioners):
+            total = torch.zeros(est.n_train_, dtype=store.read_dtype)
+            for c, w in enumerate(est.weights):
+                total += w * store.norms(c) ** 2
+            return total
+        out = torch.zeros(est.n_train_, dtype=torch.float64)
+        for c, (w, p) in enumerate(zip(est.weights, est.preconditioners, strict=True)):
+            for start, rows in store.iter_chunks(c):
+                out[start : start + len(rows)] += w * p.quadratic_features(rows)
+        return out.to(store.read_dtype)
