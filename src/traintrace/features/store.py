@@ -118,6 +118,7 @@ except ImportError:  # pragma: no cover - Windows
 __all__ = [
     "DEFAULT_PIECE_BYTES",
     "FORMAT_VERSION",
+    "ORPHAN_WAIT_SECONDS",
     "RACY_SECONDS",
     "FeatureStore",
     "TemporaryStoreDir",
@@ -143,6 +144,9 @@ DEFAULT_PIECE_BYTES = 2**20
 #: changed longer ago than this: file times tick coarsely, so a change within the same tick as
 #: the verification could otherwise go unseen.
 RACY_SECONDS = 2.0
+#: A writer lock still held after its writer died (by processes it forked, e.g. DataLoader
+#: workers, which exit once they notice) is waited for this long before StoreBusyError.
+ORPHAN_WAIT_SECONDS = 10.0
 _MISSING = "<missing>"
 _RECOMPUTE = "Delete the store or pass overwrite_store=True to recompute"
 _DISK_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
@@ -437,6 +441,7 @@ def _acquire_lock(file: Path, store: Path, rank: int, token: str) -> None:
         if key in _LOCKS:
             _LOCKS[key][1].add(token)
             return
+        orphaned_since: float | None = None
         while True:
             fd = os.open(file, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
             try:
@@ -445,6 +450,21 @@ def _acquire_lock(file: Path, store: Path, rank: int, token: str) -> None:
                 holder = os.pread(fd, 200, 0).decode("utf-8", "replace").split()
                 os.close(fd)
                 pid = holder[0] if holder else "unknown"
+                here = len(holder) > 1 and holder[1] == socket.gethostname()
+                gone = here and pid.isdigit() and not _pid_alive(int(pid))
+                if gone:
+                    # the writer died, but processes it forked (DataLoader workers) share its
+                    # lock until they notice: they exit within seconds
+                    orphaned_since = orphaned_since or time.monotonic()
+                    if time.monotonic() - orphaned_since < ORPHAN_WAIT_SECONDS:
+                        time.sleep(0.1)
+                        continue
+                    raise StoreBusyError(
+                        f"the writer of this store (pid {pid}, rank {rank}) is gone, but a process "
+                        f"it started (e.g. a DataLoader worker) still holds its lock after "
+                        f"{ORPHAN_WAIT_SECONDS:.0f} s: {store}. Stop that process (fuser -v "
+                        f"{file}) and rerun; finished chunks are kept."
+                    ) from None
                 host = f" on {holder[1]}" if len(holder) > 1 else ""
                 raise StoreBusyError(
                     f"another process is writing this store (pid {pid}{host}, rank {rank}): "
