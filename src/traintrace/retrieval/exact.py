@@ -260,7 +260,8 @@ def _overflow(block: Tensor, start: int, dtype: torch.dtype) -> None:
     """Raise for a block of scores that holds NaN or infinity (finite inputs overflowed)."""
     q, i = (~torch.isfinite(block)).nonzero()[0].tolist()
     raise NonFiniteGradientError(
-        f"the score of query {q} with training example {start + i} is {float(block[q, i])}: "
+        f"the score of query {q} (of this call) with training example {start + i} is "
+        f"{float(block[q, i])}: "
         f"the training features hold NaN/infinity, or the inner products overflow {dtype} "
         "(finite but huge features, e.g. inputs or gradients around 1e19 or more). Rescale "
         "the inputs, or compute in float64 (a float64 model and store_dtype='float64'); no "
