@@ -411,6 +411,8 @@ def test_overwrite_bumps_the_generation_and_pickles_check_it(tmp_path: Path) -> 
             stale.pending(0)
     assert isinstance(StoreRewrittenError("x"), StoreMismatchError)  # caught like a mismatch
     assert FeatureStore.open(tmp_path / "s", SETTINGS, **LAYOUT, overwrite=True).generation == 2
+    fresh = FeatureStore.open(tmp_path / "t", SETTINGS, **LAYOUT, overwrite=True)  # nothing to bump
+    assert fresh.generation == 0
 
 
 def json_of(path: Path) -> dict:
@@ -431,10 +433,11 @@ def test_temporary_store_dirs_are_removed_on_collection_exit_and_next_start(tmp_
     stale = tmp_path / f"traintrace-store-{dead_pid()}-{host}-abc"
     live = tmp_path / f"traintrace-store-{os.getpid()}-{host}-def"
     elsewhere = tmp_path / f"traintrace-store-{dead_pid()}-00000000-ghi"  # another machine's
-    for d in (stale, live, elsewhere):
+    legacy = tmp_path / f"traintrace-store-{dead_pid()}"  # could be tempfile's random name
+    for d in (stale, live, elsewhere, legacy):
         (d / "store").mkdir(parents=True)
     tmp = TemporaryStoreDir(dir=tmp_path)
-    assert not stale.exists() and live.exists() and elsewhere.exists()
+    assert not stale.exists() and live.exists() and elsewhere.exists() and legacy.exists()
     assert tmp.path.name.startswith(f"traintrace-store-{os.getpid()}-{host}-")
     fill(FeatureStore.open(os.path.join(tmp.name, "store"), SETTINGS, **LAYOUT))
     path = tmp.path

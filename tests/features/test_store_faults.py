@@ -252,6 +252,13 @@ META_CASES: dict[str, tuple[Callable[[Path], None], type[Exception], str]] = {
         StoreMismatchError,
         r'(?s)settings\.model: stored "m1", requested "m0".*overwrite_store=True',
     ),
+    "store of an older format": (
+        lambda p: _edit_json(
+            p / "meta.json", lambda m: (m.update(format_version=1), m.pop("integrity"))
+        ),
+        StoreMismatchError,
+        r"(?s)format_version: stored 1, requested 2.*overwrite_store=True",
+    ),
     "meta.json deleted": (
         lambda p: (p / "meta.json").unlink(),
         ConfigurationError,
@@ -413,6 +420,42 @@ def test_a_second_writer_is_refused_at_once(tmp_path: Path, whole) -> None:
     resume_and_compare(path, whole)
 
 
+def _child_forks_then_dies(path: str, conn, linger: float) -> None:
+    """Take the lock, fork a worker that keeps it (as DataLoader workers do), then be killed."""
+    store = FeatureStore.open(path, SETTINGS, **LAYOUT)
+    store.pending(0)
+    worker = os.fork()
+    if worker == 0:  # the worker: shares the lock's open file until it exits
+        time.sleep(linger)
+        os._exit(0)
+    conn.send(worker)
+    time.sleep(60)
+
+
+@pytest.mark.parametrize("linger", [0.3, 30.0])
+def test_a_lock_kept_by_a_dead_writers_worker(tmp_path: Path, whole, monkeypatch, linger) -> None:
+    monkeypatch.setattr(store_module, "ORPHAN_WAIT_SECONDS", 1.5)
+    path = tmp_path / "s"
+    parent, child_end = FORK.Pipe()
+    child = FORK.Process(target=_child_forks_then_dies, args=(str(path), child_end, linger))
+    child.start()
+    assert parent.poll(30)
+    worker = parent.recv()
+    os.kill(child.pid, signal.SIGKILL)
+    child.join()
+    store = FeatureStore.open(path, SETTINGS, **LAYOUT)
+    if linger < 1.5:  # the worker exits while we wait: the rerun just proceeds
+        assert store.pending(0) == list(range(6))
+        store.close()
+    else:
+        with pytest.raises(StoreBusyError, match=rf"pid {child.pid}, rank 0\) is gone, but"):
+            store.pending(0)
+        os.kill(worker, signal.SIGKILL)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(worker, 0)
+    resume_and_compare(path, whole)
+
+
 def _child_overwrite(path: str) -> None:
     FeatureStore.open(path, SETTINGS, **{**LAYOUT, "width": 7}, overwrite=True)
 
@@ -438,7 +481,7 @@ def test_a_reader_refuses_a_store_rewritten_under_it(complete: Path) -> None:
 
 def _child_slow_writer(path: str, conn) -> None:
     try:
-        write_all(Path(path), pause=0.02)
+        write_all(Path(path), pause=0.05)
     except Exception as err:
         conn.send(f"{type(err).__name__}: {err}")
     else:

@@ -15,6 +15,7 @@ import torch
 from traintrace.exceptions import (
     ConfigurationError,
     NonFiniteGradientError,
+    StoreCorruptError,
     StoreIncompleteError,
     StoreMismatchError,
 )
@@ -193,6 +194,15 @@ def test_save_load_and_cached_index(tmp_path: Path, data) -> None:
     assert saved.stat().st_mtime_ns == stamp  # reused, not rebuilt
     with pytest.raises(ConfigurationError, match="normalize=False"):
         top_k(store, queries, WEIGHTS, 4, normalize=True, index=index)
+    # a damaged index file is refused by load, and rebuilt by top_k
+    raw = bytearray(saved.read_bytes())
+    raw[-200:-100] = bytes(100)
+    saved.write_bytes(bytes(raw))
+    with pytest.raises(StoreCorruptError, match=r"index-flat\.faiss does not match its checksum"):
+        FaissIndex.load(saved, store)
+    again = top_k(store, queries, WEIGHTS, 4, method="faiss", kind="flat")
+    assert torch.equal(again.proponents.indices, exact.proponents.indices)
+    assert FaissIndex.load(saved, store).n == 300
 
 
 @needs_faiss
@@ -283,3 +293,13 @@ def test_default_blocks_are_whole_checksummed_pieces(tmp_path: Path, monkeypatch
         dense(features, queries, WEIGHTS[:2]),
         4,
     )
+
+
+def test_rows_wider_than_a_block_are_read_one_at_a_time(data, monkeypatch) -> None:
+    """checkpoints × width above BLOCK_VALUES (e.g. 4 checkpoints of a 1.1M-parameter model)."""
+    store, features, queries = data
+    monkeypatch.setattr(exact_module, "BLOCK_VALUES", 10)  # < 3 × 16 values per row
+    assert _block_rows(store, 9, None) == 1
+    expected = dense(features, queries, WEIGHTS)
+    torch.testing.assert_close(score(store, queries, WEIGHTS), expected)
+    assert_topk_equal(exact_top_k(store, queries, WEIGHTS, 3), expected, 3)

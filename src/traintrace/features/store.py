@@ -118,9 +118,11 @@ except ImportError:  # pragma: no cover - Windows
 __all__ = [
     "DEFAULT_PIECE_BYTES",
     "FORMAT_VERSION",
+    "ORPHAN_WAIT_SECONDS",
     "RACY_SECONDS",
     "FeatureStore",
     "TemporaryStoreDir",
+    "file_checksum",
     "free_disk_bytes",
     "temporary_store_dir",
 ]
@@ -142,6 +144,9 @@ DEFAULT_PIECE_BYTES = 2**20
 #: changed longer ago than this: file times tick coarsely, so a change within the same tick as
 #: the verification could otherwise go unseen.
 RACY_SECONDS = 2.0
+#: A writer lock still held after its writer died (by processes it forked, e.g. DataLoader
+#: workers, which exit once they notice) is waited for this long before StoreBusyError.
+ORPHAN_WAIT_SECONDS = 10.0
 _MISSING = "<missing>"
 _RECOMPUTE = "Delete the store or pass overwrite_store=True to recompute"
 _DISK_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
@@ -167,6 +172,33 @@ def _default_checksum() -> str:
     except ImportError:
         return "crc32"
     return "xxh3_64"
+
+
+def file_checksum(path: str | os.PathLike[str], algorithm: str | None = None) -> str:
+    """``"<algorithm>:<hex>"`` of a whole file, read in 16 MiB blocks (the store's checksums).
+
+    ``algorithm``: ``"xxh3_64"`` or ``"crc32"``; default: xxh3_64 when ``xxhash`` is installed.
+    """
+    algorithm = algorithm or _default_checksum()
+    if algorithm == "xxh3_64":
+        try:
+            import xxhash
+        except ImportError:
+            raise ConfigurationError(
+                f"checking {path} needs the xxhash package: pip install xxhash"
+            ) from None
+        digest = xxhash.xxh3_64()
+        with open(path, "rb") as f:
+            while block := f.read(16 * 2**20):
+                digest.update(block)
+        return f"xxh3_64:{digest.hexdigest()}"
+    if algorithm != "crc32":
+        raise ConfigurationError(f"algorithm must be 'xxh3_64' or 'crc32', got {algorithm!r}")
+    crc = 0
+    with open(path, "rb") as f:
+        while block := f.read(16 * 2**20):
+            crc = zlib.crc32(block, crc)
+    return f"crc32:{crc:08x}"
 
 
 def _checksum_function(name: str, path: Path) -> Callable[[memoryview], str]:
@@ -328,17 +360,17 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _owner_gone(tag: str) -> bool:
-    """``tag`` is ``<pid>-<host>-<id>`` or ``<pid>-<id>`` (older): is that process gone?"""
+def _owner_gone(tag: str, strict: bool = False) -> bool:
+    """``tag`` is ``<pid>-<host>-<id>`` (or ``<pid>-<id>`` unless ``strict``): is that process gone?"""
     parts = tag.split("-")
-    if not parts or not parts[0].isdigit():
+    if not parts or not parts[0].isdigit() or (strict and len(parts) < 3):
         return False
     if len(parts) >= 3 and parts[1] != _HOST:
         return False  # another machine's (shared file system): not ours to judge
     return not _pid_alive(int(parts[0]))
 
 
-def _clean_stale(parent: Path, prefixes: tuple[str, ...]) -> list[Path]:
+def _clean_stale(parent: Path, prefixes: tuple[str, ...], strict: bool = False) -> list[Path]:
     """Remove entries of ``parent`` named ``<prefix><pid>-…`` whose process is gone."""
     removed = []
     try:
@@ -347,7 +379,7 @@ def _clean_stale(parent: Path, prefixes: tuple[str, ...]) -> list[Path]:
         return removed
     for entry in entries:
         for prefix in prefixes:
-            if entry.name.startswith(prefix) and _owner_gone(entry.name[len(prefix) :]):
+            if entry.name.startswith(prefix) and _owner_gone(entry.name[len(prefix) :], strict):
                 target = Path(entry.path)
                 if entry.is_dir(follow_symlinks=False):
                     shutil.rmtree(target, ignore_errors=True)
@@ -392,7 +424,7 @@ def free_disk_bytes(path: str | os.PathLike[str]) -> int:
 
 # ---------------------------------------------------------------------------- writer locks
 _LOCKS: dict[tuple[int, str], tuple[int, set[str]]] = {}  # (pid, lock) -> (fd, holders)
-_LOCKS_GUARD = threading.Lock()
+_LOCKS_GUARD = threading.RLock()  # reentrant: a __del__ may release during a GC inside
 
 
 def _holds_lock(file: Path, token: str) -> bool:
@@ -409,6 +441,7 @@ def _acquire_lock(file: Path, store: Path, rank: int, token: str) -> None:
         if key in _LOCKS:
             _LOCKS[key][1].add(token)
             return
+        orphaned_since: float | None = None
         while True:
             fd = os.open(file, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
             try:
@@ -417,6 +450,21 @@ def _acquire_lock(file: Path, store: Path, rank: int, token: str) -> None:
                 holder = os.pread(fd, 200, 0).decode("utf-8", "replace").split()
                 os.close(fd)
                 pid = holder[0] if holder else "unknown"
+                here = len(holder) > 1 and holder[1] == socket.gethostname()
+                gone = here and pid.isdigit() and not _pid_alive(int(pid))
+                if gone:
+                    # the writer died, but processes it forked (DataLoader workers) share its
+                    # lock until they notice: they exit within seconds
+                    orphaned_since = orphaned_since or time.monotonic()
+                    if time.monotonic() - orphaned_since < ORPHAN_WAIT_SECONDS:
+                        time.sleep(0.1)
+                        continue
+                    raise StoreBusyError(
+                        f"the writer of this store (pid {pid}, rank {rank}) is gone, but a process "
+                        f"it started (e.g. a DataLoader worker) still holds its lock after "
+                        f"{ORPHAN_WAIT_SECONDS:.0f} s: {store}. Stop that process (fuser -v "
+                        f"{file}) and rerun; finished chunks are kept."
+                    ) from None
                 host = f" on {holder[1]}" if len(holder) > 1 else ""
                 raise StoreBusyError(
                     f"another process is writing this store (pid {pid}{host}, rank {rank}): "
@@ -478,7 +526,7 @@ class TemporaryStoreDir:
     def __init__(self, prefix: str = _TEMP_PREFIX, dir: str | os.PathLike[str] | None = None):
         """Create the directory (and remove stale ones left by dead processes)."""
         root = Path(dir) if dir is not None else Path(tempfile.gettempdir())
-        _clean_stale(root, (prefix,))
+        _clean_stale(root, (prefix,), strict=True)  # never tempfile's random names
         self.path = root / f"{prefix}{os.getpid()}-{_HOST}-{uuid.uuid4().hex[:12]}"
         self.path.mkdir(parents=True)
         self.name = str(self.path)
@@ -746,11 +794,18 @@ class FeatureStore:
 
     @classmethod
     def _generation_at(cls, path: Path) -> int:
+        """The generation of the store at ``path``; -1 when there is none (0 if unreadable)."""
         try:
-            generation = json.loads((path / _META).read_text(encoding="utf-8")).get("generation", 0)
-            return int(generation) if isinstance(generation, int) else 0
-        except (OSError, ValueError, AttributeError):
+            text = (path / _META).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return -1
+        except OSError:
             return 0
+        try:
+            generation = json.loads(text).get("generation", 0)
+        except (ValueError, AttributeError):
+            return 0
+        return generation if isinstance(generation, int) and generation >= 0 else 0
 
     @staticmethod
     def _clean_siblings(path: Path) -> list[Path]:
@@ -874,8 +929,9 @@ class FeatureStore:
             now = self._generation_at(self.path) if (self.path / _META).exists() else None
         state = f"generation {self.generation} → {now}" if now is not None else "it was deleted"
         return StoreRewrittenError(
-            f"the feature store at {self.path} was rewritten by another process since this "
-            f"estimator opened it ({state}): its rows no longer match this estimator's layout. "
+            f"the feature store at {self.path} was rewritten by another process (or another "
+            f"estimator's overwrite_store=True) since this estimator opened it ({state}): its "
+            "rows no longer belong to this estimator. "
             "Refit (call fit again) to use the new store, or give each estimator its own store= "
             "path."
         )
@@ -1525,7 +1581,13 @@ class FeatureStore:
         """
         self._check_checkpoint(checkpoint)
         self.verify(checkpoint)
-        return np.load(self._file(checkpoint=checkpoint, kind="features"), mmap_mode="r")
+        return np.memmap(  # layout from meta.json, not from the file's (unchecksummed) header
+            self._file("features", checkpoint),
+            dtype=self._np_dtype,
+            mode="r",
+            offset=self._headers[("features", checkpoint)],
+            shape=(self.n, self.width),
+        )
 
     def content_fingerprint(self) -> str:
         """SHA-256 of the metadata and every completion record (checksums and data hashes).

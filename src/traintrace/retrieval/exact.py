@@ -40,8 +40,9 @@ __all__ = [
 ]
 
 #: Default block of training rows: about this many values per read (all checkpoints together)
-#: and per block of scores, i.e. ``rows = BLOCK_VALUES // max(checkpoints × width, m)``
-#: (16 MiB of float32; two blocks are held, one being read while the other is scored).
+#: and per block of scores, i.e. ``rows = max(1, BLOCK_VALUES // max(checkpoints × width, m))``
+#: (16 MiB of float32; two blocks are held, one being read while the other is scored), rounded
+#: down to whole checksummed pieces of a store (see ``FeatureStore.piece_rows``).
 BLOCK_VALUES = 2**22
 _EPS = 1e-30
 
@@ -168,7 +169,8 @@ def _check_queries(
 
 def _block_rows(source: FeatureSource, m: int, rows: int | None) -> int:
     if rows is None:
-        rows = BLOCK_VALUES // max(source.checkpoints * source.width, m, 1)
+        # at least one row, however wide (C × width beyond BLOCK_VALUES: a block is one row)
+        rows = max(1, BLOCK_VALUES // max(source.checkpoints * source.width, m, 1))
         piece = getattr(source, "piece_rows", 1)
         if rows > piece:  # whole checksummed pieces: no piece is read twice to verify it
             rows -= rows % piece
@@ -258,7 +260,8 @@ def _overflow(block: Tensor, start: int, dtype: torch.dtype) -> None:
     """Raise for a block of scores that holds NaN or infinity (finite inputs overflowed)."""
     q, i = (~torch.isfinite(block)).nonzero()[0].tolist()
     raise NonFiniteGradientError(
-        f"the score of query {q} with training example {start + i} is {float(block[q, i])}: "
+        f"the score of query {q} (of this call) with training example {start + i} is "
+        f"{float(block[q, i])}: "
         f"the training features hold NaN/infinity, or the inner products overflow {dtype} "
         "(finite but huge features, e.g. inputs or gradients around 1e19 or more). Rescale "
         "the inputs, or compute in float64 (a float64 model and store_dtype='float64'); no "

@@ -38,6 +38,7 @@ recall@10 on clustered data with the defaults). :func:`top_k` never picks an ind
 from __future__ import annotations
 
 import json
+import logging
 import math
 import warnings
 from collections.abc import Sequence
@@ -49,8 +50,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from traintrace.exceptions import ConfigurationError, StoreMismatchError, TraintraceError
-from traintrace.features.store import FeatureStore
+from traintrace.exceptions import (
+    ConfigurationError,
+    StoreCorruptError,
+    StoreMismatchError,
+    TraintraceError,
+)
+from traintrace.features.store import FeatureStore, file_checksum
 from traintrace.retrieval.exact import (
     FeatureSource,
     TrainFeatures,
@@ -68,6 +74,8 @@ __all__ = [
     "IndexKind",
     "top_k",
 ]
+
+_LOG = logging.getLogger(__name__)
 
 IndexKind = Literal["flat", "ivf", "hnsw"]
 _KINDS = ("flat", "ivf", "hnsw")
@@ -334,14 +342,15 @@ class FaissIndex:
         }
 
     def save(self, path: str | Path) -> Path:
-        """Write the index to ``path`` and its description to ``path`` + ``.json``."""
+        """Write the index to ``path`` and its description (with a checksum) to ``path`` + ``.json``."""
         faiss = _faiss()
         path = Path(path)
         tmp = path.with_name(path.name + ".tmp")
         faiss.write_index(self.index, str(tmp))
+        description = {**self._description(), "checksum": file_checksum(tmp)}
         tmp.replace(path)
         path.with_name(path.name + ".json").write_text(
-            json.dumps(self._description(), sort_keys=True, indent=2) + "\n", encoding="utf-8"
+            json.dumps(description, sort_keys=True, indent=2) + "\n", encoding="utf-8"
         )
         return path
 
@@ -350,11 +359,25 @@ class FaissIndex:
         """Read an index written by :meth:`save`; with ``store``, refuse one built from another.
 
         Raises:
-            StoreMismatchError: ``store``'s metadata differs from the one the index was built on.
+            StoreMismatchError: ``store``'s contents differ from the ones the index was built on.
+            StoreCorruptError: the index file does not match the checksum recorded by :meth:`save`.
         """
         faiss = _faiss()
         path = Path(path)
         description = json.loads(path.with_name(path.name + ".json").read_text(encoding="utf-8"))
+        expected = description.get("checksum")
+        if not isinstance(expected, str):
+            raise StoreCorruptError(
+                f"{path}.json records no checksum of the index: delete {path} and its .json "
+                "(it is rebuilt) or rebuild it with FaissIndex.build"
+            )
+        found = file_checksum(path, expected.split(":")[0])
+        if found != expected:
+            raise StoreCorruptError(
+                f"the FAISS index {path} does not match its checksum ({found}, recorded "
+                f"{expected}): it was damaged. Delete it and its .json (it is rebuilt) or rebuild "
+                "it with FaissIndex.build."
+            )
         if store is not None:
             found = _store_fingerprint(store)
             if description.get("store_fingerprint") != found:
@@ -498,6 +521,7 @@ def top_k(
     else:
         index = _cached_index(train, weights, normalize, kind)
     description = _describe(index, k)
+    _LOG.info("top_k: %s", description)
     if index.kind != "flat":
         warnings.warn(f"approximate top-k: {description}", ApproximateSearchWarning, stacklevel=2)
     found = index.search(queries, k)
