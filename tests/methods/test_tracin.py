@@ -356,3 +356,22 @@ def test_feature_memory_limit_is_checked_before_work(tmp_path):
     )
     with pytest.raises(tt.FeatureMemoryError, match="layers='last'"):
         est.fit(TensorDataset(xt, yt))
+
+
+def test_refitting_a_store_after_relabelling_is_refused(tmp_path):
+    """The "fix the flagged labels and refit" workflow must not reuse the old data's features."""
+    model, states, _lrs, (xt, yt), _ = _mlp_setup()
+    ckpts = [tt.Checkpoint(states[0], lr=0.1)]
+    store = tmp_path / "store"
+    tt.TracIn(model, tt.Classification(), ckpts, store=store, chunk_size=4, progress=False).fit(
+        TensorDataset(xt, yt)
+    )
+    relabelled = yt.clone()
+    relabelled[[1, 5, 9]] = (relabelled[[1, 5, 9]] + 1) % 3
+    again = tt.TracIn(model, tt.Classification(), ckpts, store=store, chunk_size=4, progress=False)
+    with pytest.raises(tt.StoreMismatchError, match="overwrite_store=True"):
+        again.fit(TensorDataset(xt, relabelled))
+    # the same data resumes (nothing to recompute) and gives the same scores
+    same = tt.TracIn(model, tt.Classification(), ckpts, store=store, chunk_size=4, progress=False)
+    same.fit(TensorDataset(xt, yt))
+    assert same.store_.chunk_data_hash(0, 0) is not None

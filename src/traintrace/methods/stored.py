@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -23,10 +22,10 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from traintrace.checkpoints import model_fingerprint
-from traintrace.data import batch_size_of, dataset_fingerprint, iterate_batches
-from traintrace.exceptions import ConfigurationError, FeatureMemoryError
+from traintrace.data import DataHasher, batch_size_of, dataset_fingerprint, iterate_batches
+from traintrace.exceptions import ConfigurationError, FeatureMemoryError, StoreMismatchError
 from traintrace.features.projections import ProjectedGradients
-from traintrace.features.store import FeatureStore
+from traintrace.features.store import FeatureStore, TemporaryStoreDir, temporary_store_dir
 from traintrace.methods.preconditioners import Identity
 from traintrace.retrieval import exact as exact_retrieval
 from traintrace.retrieval.faiss_index import top_k as retrieval_top_k
@@ -95,7 +94,7 @@ class ProjectedStore:
         self.store_dtype = store_dtype
         self.chunk_size = chunk_size
         self.max_disk_gib = max_disk_gib
-        self._tmpdir: tempfile.TemporaryDirectory[str] | None = None
+        self._tmpdir: TemporaryStoreDir | None = None
 
     @property
     def names(self) -> list[str]:
@@ -146,7 +145,8 @@ class ProjectedStore:
                     "under torchrun every rank must write the same store: pass store='path' "
                     "(a directory all ranks can reach)"
                 )
-            self._tmpdir = tempfile.TemporaryDirectory(prefix="traintrace-store-")
+            # removed with the estimator or at exit; a killed process's is removed next start
+            self._tmpdir = temporary_store_dir()
             path = os.path.join(self._tmpdir.name, "store")
         else:
             path = os.fspath(self.store_path)
@@ -175,13 +175,59 @@ class ProjectedStore:
         )
 
     def fit(self, est: GradientEstimator, loader: DataLoader, n: int) -> None:
-        """Featurize the training set at every checkpoint into the store (resumable)."""
+        """Featurize the training set at every checkpoint into the store (resumable).
+
+        Every chunk's examples are hashed while they are featurized (their bytes, dtypes and
+        shapes) and the hash is recorded with the chunk; a resume re-hashes the examples of the
+        finished chunks and refuses the store if any changed (relabelled examples, edited
+        inputs), naming the chunk and both hashes.
+        """
         rank, world = distributed_rank()
         if world > 1 and self.overwrite_store:
             if rank == 0:
-                self._open(est, loader, n, rank, world)
+                self._open(est, loader, n, rank, world).close()
             dist.barrier()
         store = self._open(est, loader, n, rank, world)
+        try:
+            self._featurize(est, store, loader, rank, world)
+        except BaseException:
+            store.close()  # release the writer lock now, not when the object is collected
+            raise
+        est.store_ = store
+
+    def _chunk_hash(self, est: GradientEstimator, loader: DataLoader, start: int, stop: int) -> str:
+        hasher = DataHasher()
+        for batch in _chunk_loader(loader, start, stop, est.batch_size):
+            hasher.update(batch)
+        return hasher.hexdigest()
+
+    def _check_done_chunks(
+        self, est: GradientEstimator, store: FeatureStore, loader: DataLoader
+    ) -> None:
+        """Refuse a resume whose finished chunks were computed on other data."""
+        chunks = store.chunks()
+        checked: dict[int, str] = {}
+        for c in range(len(est.checkpoints)):
+            for i in store.done(c):
+                recorded = store.chunk_data_hash(c, i)
+                if recorded is None:
+                    continue  # written without hashes
+                if i not in checked:
+                    checked[i] = self._chunk_hash(est, loader, *chunks[i])
+                if checked[i] != recorded:
+                    start, stop = chunks[i]
+                    raise StoreMismatchError(
+                        f"the training examples {start}..{stop - 1} differ from those the store "
+                        f"{store.path} was computed on (data hash of chunk {i}: stored "
+                        f"{recorded}, now {checked[i]}): the data changed since the first fit "
+                        "(relabelled or edited examples). Pass overwrite_store=True to recompute, "
+                        "or use another store path"
+                    )
+
+    def _featurize(
+        self, est: GradientEstimator, store: FeatureStore, loader: DataLoader, rank: int, world: int
+    ) -> None:
+        self._check_done_chunks(est, store, loader)
         chunks = store.chunks()
         work = [(c, i) for c in range(len(est.checkpoints)) for i in store.pending(c)]
         bar = tqdm(
@@ -197,9 +243,11 @@ class ProjectedStore:
                 state_of[c] = est.state(c)
             start, stop = chunks[i]
             rows = []
+            hasher = DataHasher()
             for offset, batch in iterate_batches(
                 _chunk_loader(loader, start, stop, est.batch_size), est.device
             ):
+                hasher.update(batch)
                 rows.append(
                     self.features.features(
                         state_of[c],
@@ -210,13 +258,12 @@ class ProjectedStore:
                     )
                 )
                 bar.update(batch_size_of(batch))
-            store.write_chunk(c, i, torch.cat(rows))
+            store.write_chunk(c, i, torch.cat(rows), data_hash=hasher.hexdigest())
         bar.close()
         if world > 1:
             dist.barrier()
         store.finalize()
         store.require_complete()
-        est.store_ = store
 
     # -- queries ---------------------------------------------------------------------------------
     def _query_blocks(self, est: GradientEstimator, queries: DataLoader) -> Iterator[list[Tensor]]:
