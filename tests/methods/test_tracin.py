@@ -375,3 +375,19 @@ def test_refitting_a_store_after_relabelling_is_refused(tmp_path):
     same = tt.TracIn(model, tt.Classification(), ckpts, store=store, chunk_size=4, progress=False)
     same.fit(TensorDataset(xt, yt))
     assert same.store_.chunk_data_hash(0, 0) is not None
+
+
+def test_bad_labels_and_overflow_are_named_errors_with_the_example():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    x, y = torch.randn(20, 4), torch.randint(0, 3, (20,))
+    ckpts = [tt.Checkpoint(model.state_dict(), lr=0.1)]
+    bad = y.clone()
+    bad[13] = 7
+    est = tt.TracIn(model, tt.Classification(), ckpts, batch_size=8, progress=False)
+    with pytest.raises(tt.LabelError, match=r"\[13\]"):
+        est.fit(TensorDataset(x, bad))  # its data-set index, not its position in the batch
+    huge = x.clone()
+    huge[5] *= 1e25  # finite inputs whose squared gradient norm overflows float32
+    with pytest.raises(tt.NonFiniteGradientError, match=r"0\.weight.*\[5\]"):
+        est.fit(TensorDataset(huge, y))

@@ -54,13 +54,14 @@ class _TaskModule(nn.Module):
         self.model = model
         self.task = task
 
-    def forward(self, batch: Any, kind: Kind) -> Tensor:
+    def forward(self, batch: Any, kind: Kind, offset: int = 0) -> Tensor:
         out = self.task.forward(self.model, batch)
         if isinstance(out, Tensor) and not _under_vmap(out):
-            # labels against the output size, once per plain (hooked) forward: not under vmap
+            # labels against the output size, once per plain (hooked) forward: not under vmap;
+            # ``offset`` (the batch's first example) lets errors name data-set indices
             from traintrace.validation import check_batch
 
-            check_batch(self.task, out.detach(), batch)
+            check_batch(self.task, out.detach(), batch, offset)
         if kind == "loss":
             return self.task.loss(out, batch)
         return self.task.oriented_measurement(out, batch)
@@ -135,7 +136,7 @@ class GradientComputer:
         return selected, fixed
 
     def function_of_params(
-        self, state: Mapping[str, Tensor], batch: Any, kind: Kind = "loss"
+        self, state: Mapping[str, Tensor], batch: Any, kind: Kind = "loss", offset: int = 0
     ) -> Callable[[Mapping[str, Tensor]], Tensor]:
         """``params -> per-example values [batch]`` at ``state`` with the selected params swapped.
 
@@ -148,7 +149,9 @@ class GradientComputer:
         def fn(params: Mapping[str, Tensor]) -> Tensor:
             prefixed = {"model." + k: v for k, v in params.items()}
             with eval_mode(self.model):
-                return functional_call(self._wrapper, (prefixed, fixed), (batch,), {"kind": kind})
+                return functional_call(
+                    self._wrapper, (prefixed, fixed), (batch,), {"kind": kind, "offset": offset}
+                )
 
         return fn
 

@@ -808,7 +808,9 @@ class ProjectedGradients:
             sub = batch if small == size else index_batch(batch, slice(0, small), size)
             run = self._hooked_pass(state, sub, kind, small, dtype, device, True)
             self._verify(state, sub, kind, small, dtype, device, run)
-        run = self._hooked_pass(state, batch, kind, size, dtype, device, False, capture=True)
+        run = self._hooked_pass(
+            state, batch, kind, size, dtype, device, False, capture=True, offset=offset
+        )
         exact_names = [n for g in self._groups if not g.hooked for n in g.params]
         exact_names += [n for n in self._dense_names if n not in run.norm_grads]
         named: dict[str, Tensor] = dict(run.norm_grads)
@@ -877,6 +879,7 @@ class ProjectedGradients:
         device: torch.device,
         track_abs: bool,
         capture: bool = False,
+        offset: int = 0,
     ) -> HookedPass:
         run = HookedPass(self, size, dtype, device, track_abs, capture)
         modules = self._hooked_modules()
@@ -890,7 +893,7 @@ class ProjectedGradients:
             n: state[n].detach().requires_grad_(True) if n in hooked else state[n].detach()
             for n in self.names
         }
-        fn = self._all.function_of_params(state, batch, kind)
+        fn = self._all.function_of_params(state, batch, kind, offset)
         with torch.enable_grad():
             try:
                 with run.installed():
@@ -901,7 +904,7 @@ class ProjectedGradients:
                 # expanding a [1, ...] output over the batch broke the model: stop expanding
                 self._stop_expanding(run, "the model failed when its output was expanded")
                 return self._hooked_pass(
-                    state, batch, kind, size, dtype, device, track_abs, capture
+                    state, batch, kind, size, dtype, device, track_abs, capture, offset
                 )
             if values.ndim != 1 or values.shape[0] != size:
                 raise ConfigurationError(

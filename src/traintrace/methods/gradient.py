@@ -112,7 +112,10 @@ class GradientEstimator(Estimator):
 
     @property
     def checkpoint_names(self) -> list[str]:
-        return [f"checkpoint {c.name}" for c in self.checkpoints]
+        return [
+            c.name if c.name.startswith("checkpoint") else f"checkpoint {c.name}"
+            for c in self.checkpoints
+        ]
 
     def state(self, c: int) -> dict[str, Tensor]:
         """The full state of checkpoint ``c`` for the model (loaded on demand)."""

@@ -100,7 +100,13 @@ def train_sq_norms(
         sq = engine.sq_norms(cap, per_unit=True)
         if out is None:
             out = sq.new_zeros(sq.shape[0], n)
-        _check_finite(sq.sum(0), offset, where, "squared gradient norm")
+        if not bool(torch.isfinite(sq).all()):
+            layers = [
+                u
+                for u, row in zip(engine.units, sq, strict=True)
+                if not bool(torch.isfinite(row).all())
+            ]
+            _check_finite(sq.sum(0), offset, where, f"the squared gradient norm of {layers[:5]}")
         out[:, offset : offset + cap.size] = sq
         bar.update(cap.size)
     bar.close()
