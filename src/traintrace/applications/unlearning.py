@@ -127,7 +127,7 @@ class SelectParameters:
         seed: Hutchinson seed.
     """
 
-    mass: float = 0.9
+    mass: float = 0.99
     fraction: float | None = None
     max_fraction: float = 0.5
     max_parameters: int = 2048

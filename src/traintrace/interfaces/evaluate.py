@@ -240,11 +240,11 @@ def _estimators(ctx: dict) -> dict[str, Estimate]:
         ),
         "IF exact Hessian": influence(hessian=tt.Exact(), damping=damp),
         "IF exact GGN": influence(hessian=tt.Exact(), curvature="ggn", damping=wd),
-        # the damping maximizing the Laplace evidence of the GGN (tt.select_damping)
+        # the damping maximizing the Laplace evidence of the GGN (tt.select_damping); the
+        # Hessian is not a Laplace posterior precision here (indefinite), so no Hessian row
         "IF exact GGN (evidence damping)": influence(
             hessian=tt.Exact(), curvature="ggn", damping=evidence
         ),
-        "IF exact Hessian (evidence damping)": influence(hessian=tt.Exact(), damping=evidence),
         # self-influence would cost one iterative solve per training example: skipped
         "IF CG": influence(False, hessian=tt.CG(tol=1e-8), damping=damp),
         "IF LiSSA": influence(False, hessian=tt.LiSSA(depth=1000), damping=damp),
