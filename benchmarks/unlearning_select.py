@@ -71,6 +71,9 @@ def methods() -> dict[str, dict]:
         "selective, default (mass 0.99, ≤50%)": {"parameters": "select"},
         "selective, top 25%": {"parameters": SelectParameters(fraction=0.25)},
         "selective, top 10%": {"parameters": SelectParameters(fraction=0.10)},
+        "selective, top 10%, ranked once": {
+            "parameters": SelectParameters(fraction=0.10, rounds=1)
+        },
         "selective, top 2%": {"parameters": SelectParameters(fraction=0.02)},
         "K-FAC (empirical Fisher)": {"hessian": tt.KFAC(damping=0.0, sampled_labels=False)},
         "EK-FAC (empirical Fisher)": {"hessian": tt.EKFAC(damping=0.0, sampled_labels=False)},

@@ -210,6 +210,13 @@ def test_errors() -> None:
         select_damping(
             raw, task, tt.Checkpoint(raw.state_dict()), data, curvature="hessian", progress=False
         )
+    # PSD curvatures: negative eigenvalues are round-off, clamped; a Hessian's are refused
+    values = torch.tensor([-1e-5, 0.5, 2.0], dtype=DT)
+    common = dict(log_likelihood=-3.0, squared_norm=1.0, num_examples=10, num_parameters=3)
+    ggn = LaplaceEvidence(eigenvalues=values, curvature="ggn", **common)
+    assert float(ggn.eigenvalues[0]) == 0.0
+    with pytest.raises(NotPositiveDefiniteError, match="-1e-05"):
+        LaplaceEvidence(eigenvalues=values, curvature="hessian", **common)
     with pytest.warns(RuntimeWarning, match="edge of bounds"):
         select_damping(model, task, ckpt, data, bounds=(1e-9, 1e-8), progress=False)
 
@@ -238,6 +245,9 @@ def test_last_layer_evidence_uses_the_principal_block() -> None:
     for lam in (1e-3, 0.2):
         _, logdet = torch.linalg.slogdet(block + lam * torch.eye(15, dtype=DT))
         expected = (
-            -nll - 0.5 * N * lam * float(t_last @ t_last) + 7.5 * math.log(lam) - 0.5 * float(logdet)
+            -nll
+            - 0.5 * N * lam * float(t_last @ t_last)
+            + 7.5 * math.log(lam)
+            - 0.5 * float(logdet)
         )
         assert float(evidence(lam)) == pytest.approx(expected, abs=1e-8)

@@ -137,6 +137,8 @@ class LaplaceEvidence:
             or None with ``nodes``/``weights``.
         nodes, weights: ``[probes, m]`` SLQ Ritz nodes and quadrature weights (rows sum to 1).
         method, curvature: labels reported in :class:`DampingSelection`.
+        dtype: the dtype the spectrum was computed in (sets the round-off tolerance of the
+            positive semi-definiteness check: only a Hessian is refused when indefinite).
 
     Call it with a damping (a float or a tensor of them) to get ``log Z``; :meth:`select` finds
     the maximizer. Each evaluation costs ``O(P)`` (``eigen``/``kfac``) or ``O(probes · m)``.
@@ -154,6 +156,7 @@ class LaplaceEvidence:
         weights: Tensor | None = None,
         method: str = "eigen",
         curvature: str = "ggn",
+        dtype: torch.dtype = torch.float64,
     ) -> None:
         if (eigenvalues is None) == (nodes is None):
             raise ConfigurationError("give either eigenvalues, or SLQ nodes and weights")
@@ -186,10 +189,11 @@ class LaplaceEvidence:
                 raise ConfigurationError(
                     f"got {values.numel()} eigenvalues for P={num_parameters} parameters"
                 )
-            self._nodes = _check_psd(values, curvature)[None]
+            self._nodes = _check_psd(values, curvature, dtype)[None]
             self._weights = torch.full_like(self._nodes, 1.0 / num_parameters)
         else:
-            self._nodes = _check_psd(nodes.detach().to(torch.float64).cpu(), curvature)  # type: ignore[union-attr]
+            nodes64 = nodes.detach().to(torch.float64).cpu()  # type: ignore[union-attr]
+            self._nodes = _check_psd(nodes64, curvature, dtype)
             self._weights = weights.detach().to(torch.float64).cpu()  # type: ignore[union-attr]
         self.max_eigenvalue = float(self._nodes.max())
         if not self.max_eigenvalue > 0:
@@ -387,7 +391,7 @@ class LaplaceEvidence:
                 )
             dense = operator.dense().to(torch.float64)
             eig = torch.linalg.eigvalsh(0.5 * (dense + dense.T))
-            return cls(eigenvalues=eig, curvature=str(curvature), **common)  # type: ignore[arg-type]
+            return cls(eigenvalues=eig, curvature=str(curvature), dtype=operator.dtype, **common)  # type: ignore[arg-type]
         if not isinstance(num_probes, int) or num_probes < 1:
             raise ConfigurationError(f"num_probes must be an integer >= 1, got {num_probes!r}")
         if not isinstance(iterations, int) or iterations < 2:
@@ -406,7 +410,13 @@ class LaplaceEvidence:
             )
         finally:
             bar.close()
-        return cls(nodes=dens.nodes, weights=dens.weights, curvature=str(curvature), **common)  # type: ignore[arg-type]
+        return cls(
+            nodes=dens.nodes,
+            weights=dens.weights,
+            curvature=str(curvature),
+            dtype=operator.dtype,
+            **common,  # type: ignore[arg-type]
+        )
 
 
 def select_damping(
@@ -508,8 +518,13 @@ def _check_bounds(bounds: tuple[float, float]) -> tuple[float, float]:
     return low, high
 
 
-def _check_psd(values: Tensor, curvature: str) -> Tensor:
-    """Clamp round-off negatives at 0; refuse a clearly indefinite curvature."""
+def _check_psd(values: Tensor, curvature: str, dtype: torch.dtype = torch.float64) -> Tensor:
+    """Clamp round-off negatives at 0; refuse a clearly indefinite Hessian.
+
+    The GGN, the Fisher and K-FAC are positive semi-definite by construction: their negative
+    eigenvalues are round-off and are clamped. A Hessian eigenvalue below
+    ``−max(1e-8, 1e3 · eps(dtype)) · max|c|`` is a real negative curvature and is refused.
+    """
     if not bool(torch.isfinite(values).all()):
         raise ConfigurationError(
             f"the {curvature} curvature has non-finite eigenvalues; check the checkpoint and data "
@@ -517,7 +532,8 @@ def _check_psd(values: Tensor, curvature: str) -> Tensor:
         )
     scale = float(values.abs().max()) if values.numel() else 0.0
     lowest = float(values.min()) if values.numel() else 0.0
-    if lowest < -1e-6 * scale:
+    tolerance = max(1e-8, 1e3 * torch.finfo(dtype).eps) * scale
+    if curvature == "hessian" and lowest < -tolerance:
         raise NotPositiveDefiniteError(
             f"the Laplace evidence needs a positive semi-definite curvature, but the {curvature} "
             f"curvature has eigenvalue {lowest:.6g} (largest {scale:.6g}); use curvature='ggn' "
