@@ -52,7 +52,9 @@ it is above ``min(c_max, 1 / (2 n ‖θ‖²))``: these bracket the default sear
   from each of ``num_probes`` Rademacher probes on ``C`` give Ritz nodes ``θ_k`` and weights
   ``τ_k``, and ``log det(C + λI) ≈ P · mean_probes Σ_k τ_k log(θ_k + λ)``. One set of Lanczos
   runs serves every ``λ`` (the nodes shift with ``λ``). Unbiased in the probes; the error falls
-  as ``1/√probes``.
+  as ``1/√probes``. All probes advance together (:func:`~traintrace.curvature.lanczos.
+  slq_quadrature`): ``m`` passes over the data with ``num_probes`` columns each; every probe's
+  basis is kept for re-orthogonalization while ``m · P · probes <= 2²⁷`` elements.
 """
 
 from __future__ import annotations
@@ -69,7 +71,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from traintrace.checkpoints import Checkpoint, require_checkpoint
 from traintrace.curvature.kfac import KFAC
-from traintrace.curvature.lanczos import ProgressOperator, slq_density
+from traintrace.curvature.lanczos import slq_quadrature
 from traintrace.curvature.operators import curvature_operator
 from traintrace.data import as_loader, iterate_batches
 from traintrace.exceptions import ConfigurationError, NotPositiveDefiniteError
@@ -80,6 +82,9 @@ from traintrace.task import Task, require_task
 __all__ = ["DampingSelection", "LaplaceEvidence", "select_damping"]
 
 Method = Literal["auto", "eigen", "kfac", "slq"]
+
+#: SLQ keeps every probe's Lanczos basis (and re-orthogonalizes) up to this many elements.
+_REORTHOGONALIZE_ELEMENTS = 1 << 27
 
 
 @dataclass(frozen=True)
@@ -398,21 +403,35 @@ class LaplaceEvidence:
             raise ConfigurationError(f"iterations must be an integer >= 2, got {iterations!r}")
         from tqdm.auto import tqdm
 
+        steps = min(iterations, p)
         bar = tqdm(
-            total=num_probes * min(iterations, p),
-            desc=f"evidence SLQ ({curvature})",
-            unit="product",
+            total=steps,
+            desc=f"evidence SLQ ({curvature}, {num_probes} probes)",
+            unit="block product",
             disable=not progress,
         )
+
+        def matmat(block: Tensor) -> Tensor:
+            out = operator.matmat(block)
+            bar.update(1)
+            return out
+
         try:
-            dens = slq_density(
-                ProgressOperator(operator, bar), num_probes, iterations, grid=2, seed=seed
+            nodes, weights = slq_quadrature(
+                matmat,
+                p,
+                num_probes,
+                steps,
+                seed=seed,
+                dtype=operator.dtype,
+                device=operator.device,
+                reorthogonalize=steps * p * num_probes <= _REORTHOGONALIZE_ELEMENTS,
             )
         finally:
             bar.close()
         return cls(
-            nodes=dens.nodes,
-            weights=dens.weights,
+            nodes=nodes,
+            weights=weights,
             curvature=str(curvature),
             dtype=operator.dtype,
             **common,  # type: ignore[arg-type]
@@ -480,7 +499,8 @@ def select_damping(
 
     Cost: one forward pass over ``data`` (the log-likelihood) plus ``eigen``: ``P`` curvature
     products (``⌈P/64⌉`` passes with 64 vmapped columns) and an ``O(P³)`` ``eigvalsh``;
-    ``kfac``: K-FAC's one (EK-FAC two) passes; ``slq``: ``num_probes × iterations`` products.
+    ``kfac``: K-FAC's one (EK-FAC two) passes; ``slq``: ``iterations`` passes of ``num_probes``
+    batched products.
     The search itself is ``O(P)`` per evaluation (a few dozen evaluations).
     """
     evidence = LaplaceEvidence.compute(
