@@ -640,7 +640,9 @@ class LiSSAInverse(InverseOperator):
         if cfg.stochastic:
             message += (
                 " With stochastic=True a single mini-batch can have larger eigenvalues: use a "
-                "larger scale or batch size."
+                "larger scale or batch size — LiSSA(scale=None, stochastic=True) estimates it "
+                "from the batches, and tt.spectrum(..., batch_sizes=[B]).batch_scaling."
+                "lissa_scale(B) predicts it for batch size B."
             )
         raise SolverDivergedError(message)
 
