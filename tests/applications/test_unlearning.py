@@ -282,7 +282,7 @@ def test_selective_unlearning_moves_a_block_toward_the_retrained_model(trained) 
         torch.autograd.grad(_objective(_unflat(t), model, x[i : i + 1], y[i : i + 1]), t)[0]
         for i in REMOVED
     )
-    chosen, step = _greedy_block(h, g, cap=9, rounds=8, mass=0.9)  # max_fraction 0.5 of P = 18
+    chosen, step = _greedy_block(h, g, cap=9, rounds=8, mass=0.99)  # max_fraction 0.5 of P = 18
     expected = theta + step / N
 
     new = unlearn(
@@ -294,7 +294,7 @@ def test_selective_unlearning_moves_a_block_toward_the_retrained_model(trained) 
     touched = int((got != theta).sum())
     assert 0 < touched == len(chosen) < theta.numel()
     before = float((theta - target).norm())
-    assert float((got - target).norm()) < 0.5 * before  # measured 0.39 with 8 of 18 parameters
+    assert float((got - target).norm()) < 0.5 * before  # measured 0.39 with 9 of 18 parameters
     full = _flat(
         unlearn(model, tt.Classification(), tt.Checkpoint(state), REMOVED, train, l2=L2,
                 progress=False)

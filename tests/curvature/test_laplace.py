@@ -210,5 +210,44 @@ def test_errors() -> None:
         select_damping(
             raw, task, tt.Checkpoint(raw.state_dict()), data, curvature="hessian", progress=False
         )
+    # PSD curvatures: negative eigenvalues are round-off, clamped; a Hessian's are refused
+    values = torch.tensor([-1e-5, 0.5, 2.0], dtype=DT)
+    common = dict(log_likelihood=-3.0, squared_norm=1.0, num_examples=10, num_parameters=3)
+    ggn = LaplaceEvidence(eigenvalues=values, curvature="ggn", **common)
+    assert float(ggn.eigenvalues[0]) == 0.0
+    with pytest.raises(NotPositiveDefiniteError, match="-1e-05"):
+        LaplaceEvidence(eigenvalues=values, curvature="hessian", **common)
     with pytest.warns(RuntimeWarning, match="edge of bounds"):
         select_damping(model, task, ckpt, data, bounds=(1e-9, 1e-8), progress=False)
+
+
+def test_last_layer_evidence_uses_the_principal_block() -> None:
+    """``layers="last"``: a last-layer Laplace — the GGN block of the last layer (a principal
+    submatrix of the full GGN) and ‖θ‖² of its parameters only."""
+    model, x, y = _setup()
+    theta, unflat = _flat_params(model)
+    jac = jacrev(lambda v: functional_call(model, unflat(v), (x,)))(theta)
+    p = torch.softmax(functional_call(model, unflat(theta), (x,)), 1)
+    h_out = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+    ggn_mean = torch.einsum("ncp,ncd,ndq->pq", jac, h_out, jac) / N
+    last = slice(16, 31)  # 2.weight (3×4) and 2.bias (3) follow 0.weight (4×3) and 0.bias (4)
+    block, t_last = ggn_mean[last, last], theta[last]
+    evidence = LaplaceEvidence.compute(
+        model,
+        tt.Classification(),
+        tt.Checkpoint(model.state_dict()),
+        TensorDataset(x, y),
+        layers="last",
+        progress=False,
+    )
+    assert evidence.num_parameters == 15
+    nll = float(F.cross_entropy(functional_call(model, unflat(theta), (x,)), y, reduction="sum"))
+    for lam in (1e-3, 0.2):
+        _, logdet = torch.linalg.slogdet(block + lam * torch.eye(15, dtype=DT))
+        expected = (
+            -nll
+            - 0.5 * N * lam * float(t_last @ t_last)
+            + 7.5 * math.log(lam)
+            - 0.5 * float(logdet)
+        )
+        assert float(evidence(lam)) == pytest.approx(expected, abs=1e-8)

@@ -422,3 +422,18 @@ def test_batch_eigenvalue_range_is_the_extreme_over_batches() -> None:
     assert LiSSA(stochastic=True, scale_iterations=op.dim).prepare(op).scale == pytest.approx(
         1.1 * max(highs), rel=1e-8
     )
+
+
+def test_stochastic_lissa_checks_its_residual_only_when_a_full_pass_is_cheaper() -> None:
+    prob = problem("logreg")
+    op = Hessian(
+        prob.model, Classification(), prob.model.state_dict(), loader(prob.x, prob.y, 6),
+        damping=0.5, cache_batches=True,
+    )  # fmt: skip
+    assert op.num_batches == -(-len(prob.y) // 6)
+    cheap = LiSSA(scale=4.0, depth=op.num_batches, stochastic=True, residual_tol=1.0).prepare(op)
+    cheap.solve(prob.rhs[:, 0])
+    assert cheap.info.residual is not None
+    costly = LiSSA(scale=4.0, depth=op.num_batches - 1, stochastic=True).prepare(op)
+    costly.solve(prob.rhs[:, 0])
+    assert costly.info.residual is None and costly.info.converged is None

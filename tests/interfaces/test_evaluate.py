@@ -30,7 +30,7 @@ def test_evaluate_ranks_every_estimator_and_writes_results(tmp_path):
         "GAS (cosine TracIn)",
         "IF exact Hessian",
         "IF EK-FAC",
-        "IF exact GGN (evidence damping)",
+        "IF exact GGN (evidence λ)",
         "HYDRA",
         "AME",
     } <= names

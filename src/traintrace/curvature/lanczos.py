@@ -36,6 +36,7 @@ __all__ = [
     "SymmetricOperator",
     "lanczos",
     "slq_density",
+    "slq_quadrature",
     "top_eigenpairs",
 ]
 
@@ -324,6 +325,102 @@ def slq_density(
     return SpectralDensity(
         grid=grid, density=density, nodes=nodes, weights=weights, sigma=float(sigma)
     )
+
+
+def slq_quadrature(
+    matmat: Callable[[Tensor], Tensor],
+    dim: int,
+    num_probes: int = 20,
+    iterations: int = 50,
+    *,
+    seed: int = 0,
+    probes: Tensor | None = None,
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str | None = None,
+    reorthogonalize: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """Gauss quadrature nodes and weights of every probe at once (stochastic Lanczos quadrature).
+
+    The same quadrature as :func:`slq_density` — for each probe ``v`` (Rademacher, normalized),
+    ``m`` Lanczos steps give ``T``; nodes are its eigenvalues ``θ_k``, weights the squared first
+    components ``τ_k`` of its eigenvectors, so ``vᵀ f(A) v ≈ Σ_k τ_k f(θ_k)`` and
+    ``tr f(A) ≈ P · mean_probes Σ_k τ_k f(θ_k)`` — but the ``k`` probes advance together: each
+    step is one ``matmat`` of a ``[P, k]`` block (one pass over the data for a model operator,
+    instead of ``k``). Each column keeps its own Lanczos recursion and, with
+    ``reorthogonalize``, is re-orthogonalized (twice) against its own basis. A column whose
+    Krylov space is exhausted continues with zero vectors: its extra nodes get weight 0.
+
+    Args:
+        matmat: ``V [P, k] -> A V [P, k]`` for a symmetric ``A``.
+        dim: ``P``.
+        num_probes: ``k`` Rademacher probes (ignored when ``probes`` is given).
+        iterations: steps ``m`` (capped at ``P``).
+        seed: probe seed (the same probes as :func:`slq_density` with this seed).
+        probes: ``[P, k]`` explicit probes (normalized here).
+        dtype, device: of the probes and the recursion.
+        reorthogonalize: keep each probe's basis (memory ``k × P × m``) and re-orthogonalize;
+            without it memory is ``3 × k × P`` and rounding can duplicate converged nodes
+            (their weights then split, the quadrature stays usable for ``log det``).
+
+    Returns:
+        ``(nodes [k, m], weights [k, m])``, each row of weights summing to 1.
+
+    Cost: ``m`` block products plus ``O(m² P k)`` with re-orthogonalization.
+    """
+    if dim < 1 or iterations < 1:
+        raise ConfigurationError(f"dim and iterations must be >= 1, got {dim}, {iterations}")
+    device = torch.device("cpu") if device is None else torch.device(device)
+    if probes is None:
+        if num_probes < 1:
+            raise ConfigurationError(f"num_probes must be >= 1, got {num_probes}")
+        generator = torch.Generator().manual_seed(seed)
+        signs = torch.randint(0, 2, (dim, num_probes), generator=generator) * 2 - 1
+        probes = signs.to(dtype=dtype, device=device)
+    elif probes.ndim != 2 or probes.shape[0] != dim:
+        raise ConfigurationError(f"probes must have shape [{dim}, k], got {tuple(probes.shape)}")
+    q = probes.to(dtype=dtype, device=device)
+    q = q / q.norm(dim=0, keepdim=True)
+    k, m = q.shape[1], min(int(iterations), int(dim))
+    alphas = torch.zeros(m, k, dtype=dtype, device=device)
+    betas = torch.zeros(max(m - 1, 0), k, dtype=dtype, device=device)
+    basis = torch.zeros(m, dim, k, dtype=dtype, device=device) if reorthogonalize else None
+    previous = torch.zeros_like(q)
+    eps = torch.finfo(dtype).eps
+    scale = torch.zeros(k, dtype=dtype, device=device)
+    for j in range(m):
+        if basis is not None:
+            basis[j] = q
+        w = matmat(q).to(dtype=dtype, device=device)
+        if not bool(torch.isfinite(w).all()):
+            raise SolverDivergedError(
+                f"SLQ step {j + 1}: the operator product is non-finite (NaN/inf); check the "
+                "model and data for NaN"
+            )
+        alpha = (q * w).sum(0)
+        alphas[j] = alpha
+        w = w - alpha * q - (betas[j - 1] * previous if j > 0 else 0.0)
+        if basis is not None:
+            for _ in range(2):
+                coeff = torch.einsum("jpk,pk->jk", basis[: j + 1], w)
+                w = w - torch.einsum("jpk,jk->pk", basis[: j + 1], coeff)
+        if j == m - 1:
+            break
+        beta = w.norm(dim=0)
+        scale = torch.maximum(scale, torch.sqrt(alpha**2 + beta**2))
+        alive = beta > 1e3 * eps * scale.clamp_min(1e-300)
+        beta = torch.where(alive, beta, torch.zeros_like(beta))
+        betas[j] = beta
+        previous = q
+        q = torch.where(alive, w / beta.clamp_min(1e-300), torch.zeros_like(w))
+    nodes, weights = [], []
+    for c in range(k):
+        t = torch.diag(alphas[:, c])
+        if m > 1:
+            t = t + torch.diag(betas[:, c], 1) + torch.diag(betas[:, c], -1)
+        theta, vectors = torch.linalg.eigh(t)
+        nodes.append(theta)
+        weights.append(vectors[0] ** 2)
+    return torch.stack(nodes), torch.stack(weights)
 
 
 class ProgressOperator:

@@ -52,7 +52,9 @@ it is above ``min(c_max, 1 / (2 n ‖θ‖²))``: these bracket the default sear
   from each of ``num_probes`` Rademacher probes on ``C`` give Ritz nodes ``θ_k`` and weights
   ``τ_k``, and ``log det(C + λI) ≈ P · mean_probes Σ_k τ_k log(θ_k + λ)``. One set of Lanczos
   runs serves every ``λ`` (the nodes shift with ``λ``). Unbiased in the probes; the error falls
-  as ``1/√probes``.
+  as ``1/√probes``. All probes advance together (:func:`~traintrace.curvature.lanczos.
+  slq_quadrature`): ``m`` passes over the data with ``num_probes`` columns each; every probe's
+  basis is kept for re-orthogonalization while ``m · P · probes <= 2²⁷`` elements.
 """
 
 from __future__ import annotations
@@ -69,7 +71,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from traintrace.checkpoints import Checkpoint, require_checkpoint
 from traintrace.curvature.kfac import KFAC
-from traintrace.curvature.lanczos import ProgressOperator, slq_density
+from traintrace.curvature.lanczos import slq_quadrature
 from traintrace.curvature.operators import curvature_operator
 from traintrace.data import as_loader, iterate_batches
 from traintrace.exceptions import ConfigurationError, NotPositiveDefiniteError
@@ -80,6 +82,9 @@ from traintrace.task import Task, require_task
 __all__ = ["DampingSelection", "LaplaceEvidence", "select_damping"]
 
 Method = Literal["auto", "eigen", "kfac", "slq"]
+
+#: SLQ keeps every probe's Lanczos basis (and re-orthogonalizes) up to this many elements.
+_REORTHOGONALIZE_ELEMENTS = 1 << 27
 
 
 @dataclass(frozen=True)
@@ -137,6 +142,8 @@ class LaplaceEvidence:
             or None with ``nodes``/``weights``.
         nodes, weights: ``[probes, m]`` SLQ Ritz nodes and quadrature weights (rows sum to 1).
         method, curvature: labels reported in :class:`DampingSelection`.
+        dtype: the dtype the spectrum was computed in (sets the round-off tolerance of the
+            positive semi-definiteness check: only a Hessian is refused when indefinite).
 
     Call it with a damping (a float or a tensor of them) to get ``log Z``; :meth:`select` finds
     the maximizer. Each evaluation costs ``O(P)`` (``eigen``/``kfac``) or ``O(probes · m)``.
@@ -154,6 +161,7 @@ class LaplaceEvidence:
         weights: Tensor | None = None,
         method: str = "eigen",
         curvature: str = "ggn",
+        dtype: torch.dtype = torch.float64,
     ) -> None:
         if (eigenvalues is None) == (nodes is None):
             raise ConfigurationError("give either eigenvalues, or SLQ nodes and weights")
@@ -186,10 +194,11 @@ class LaplaceEvidence:
                 raise ConfigurationError(
                     f"got {values.numel()} eigenvalues for P={num_parameters} parameters"
                 )
-            self._nodes = _check_psd(values, curvature)[None]
+            self._nodes = _check_psd(values, curvature, dtype)[None]
             self._weights = torch.full_like(self._nodes, 1.0 / num_parameters)
         else:
-            self._nodes = _check_psd(nodes.detach().to(torch.float64).cpu(), curvature)  # type: ignore[union-attr]
+            nodes64 = nodes.detach().to(torch.float64).cpu()  # type: ignore[union-attr]
+            self._nodes = _check_psd(nodes64, curvature, dtype)
             self._weights = weights.detach().to(torch.float64).cpu()  # type: ignore[union-attr]
         self.max_eigenvalue = float(self._nodes.max())
         if not self.max_eigenvalue > 0:
@@ -387,26 +396,46 @@ class LaplaceEvidence:
                 )
             dense = operator.dense().to(torch.float64)
             eig = torch.linalg.eigvalsh(0.5 * (dense + dense.T))
-            return cls(eigenvalues=eig, curvature=str(curvature), **common)  # type: ignore[arg-type]
+            return cls(eigenvalues=eig, curvature=str(curvature), dtype=operator.dtype, **common)  # type: ignore[arg-type]
         if not isinstance(num_probes, int) or num_probes < 1:
             raise ConfigurationError(f"num_probes must be an integer >= 1, got {num_probes!r}")
         if not isinstance(iterations, int) or iterations < 2:
             raise ConfigurationError(f"iterations must be an integer >= 2, got {iterations!r}")
         from tqdm.auto import tqdm
 
+        steps = min(iterations, p)
         bar = tqdm(
-            total=num_probes * min(iterations, p),
-            desc=f"evidence SLQ ({curvature})",
-            unit="product",
+            total=steps,
+            desc=f"evidence SLQ ({curvature}, {num_probes} probes)",
+            unit="block product",
             disable=not progress,
         )
+
+        def matmat(block: Tensor) -> Tensor:
+            out = operator.matmat(block)
+            bar.update(1)
+            return out
+
         try:
-            dens = slq_density(
-                ProgressOperator(operator, bar), num_probes, iterations, grid=2, seed=seed
+            nodes, weights = slq_quadrature(
+                matmat,
+                p,
+                num_probes,
+                steps,
+                seed=seed,
+                dtype=operator.dtype,
+                device=operator.device,
+                reorthogonalize=steps * p * num_probes <= _REORTHOGONALIZE_ELEMENTS,
             )
         finally:
             bar.close()
-        return cls(nodes=dens.nodes, weights=dens.weights, curvature=str(curvature), **common)  # type: ignore[arg-type]
+        return cls(
+            nodes=nodes,
+            weights=weights,
+            curvature=str(curvature),
+            dtype=operator.dtype,
+            **common,  # type: ignore[arg-type]
+        )
 
 
 def select_damping(
@@ -470,7 +499,8 @@ def select_damping(
 
     Cost: one forward pass over ``data`` (the log-likelihood) plus ``eigen``: ``P`` curvature
     products (``⌈P/64⌉`` passes with 64 vmapped columns) and an ``O(P³)`` ``eigvalsh``;
-    ``kfac``: K-FAC's one (EK-FAC two) passes; ``slq``: ``num_probes × iterations`` products.
+    ``kfac``: K-FAC's one (EK-FAC two) passes; ``slq``: ``iterations`` passes of ``num_probes``
+    batched products.
     The search itself is ``O(P)`` per evaluation (a few dozen evaluations).
     """
     evidence = LaplaceEvidence.compute(
@@ -508,8 +538,13 @@ def _check_bounds(bounds: tuple[float, float]) -> tuple[float, float]:
     return low, high
 
 
-def _check_psd(values: Tensor, curvature: str) -> Tensor:
-    """Clamp round-off negatives at 0; refuse a clearly indefinite curvature."""
+def _check_psd(values: Tensor, curvature: str, dtype: torch.dtype = torch.float64) -> Tensor:
+    """Clamp round-off negatives at 0; refuse a clearly indefinite Hessian.
+
+    The GGN, the Fisher and K-FAC are positive semi-definite by construction: their negative
+    eigenvalues are round-off and are clamped. A Hessian eigenvalue below
+    ``−max(1e-8, 1e3 · eps(dtype)) · max|c|`` is a real negative curvature and is refused.
+    """
     if not bool(torch.isfinite(values).all()):
         raise ConfigurationError(
             f"the {curvature} curvature has non-finite eigenvalues; check the checkpoint and data "
@@ -517,7 +552,8 @@ def _check_psd(values: Tensor, curvature: str) -> Tensor:
         )
     scale = float(values.abs().max()) if values.numel() else 0.0
     lowest = float(values.min()) if values.numel() else 0.0
-    if lowest < -1e-6 * scale:
+    tolerance = max(1e-8, 1e3 * torch.finfo(dtype).eps) * scale
+    if curvature == "hessian" and lowest < -tolerance:
         raise NotPositiveDefiniteError(
             f"the Laplace evidence needs a positive semi-definite curvature, but the {curvature} "
             f"curvature has eigenvalue {lowest:.6g} (largest {scale:.6g}); use curvature='ggn' "

@@ -267,6 +267,14 @@ class ModelCurvatureOperator(CurvatureOperator):
         return f"{type(self).__name__}(P={self.dim}, N={n}, damping={self.damping:g})"
 
     # -- data ------------------------------------------------------------------------------------
+    @property
+    def num_batches(self) -> int | None:
+        """Batches in one pass (``len`` of the batches), or None when they have no length."""
+        try:
+            return len(self._batches)  # type: ignore[arg-type]
+        except TypeError:
+            return None
+
     def iter_batches(self) -> Iterator[Any]:
         """One pass over the batches, each as plain tensors on :attr:`device`."""
         for batch in self._batches:

@@ -398,7 +398,9 @@ class LiSSA(Solver):
             operator, one extra product for all columns) is computed and a
             :class:`~traintrace.exceptions.ConvergenceWarning` is issued when its largest value
             exceeds this (a truncated series returns a biased answer: raise ``depth``). ``None``
-            skips the check and its product.
+            skips the check and its product. With ``stochastic`` the check runs only when one
+            pass over the batches costs no more than the recursion (number of batches
+            ``<= depth × repeats``); otherwise ``info.residual`` stays None.
         seed: Lanczos start vector seed.
 
     Raises:
@@ -572,7 +574,7 @@ class LiSSAInverse(InverseOperator):
             total += v / s
         x = total / cfg.repeats
         self.info = SolveInfo(iterations=cfg.depth * cfg.repeats)
-        if cfg.residual_tol is not None:
+        if cfg.residual_tol is not None and self._residual_affordable():
             residual = (self.operator.matmat(x) - b).norm(dim=0) / bnorm.clamp_min(
                 torch.finfo(b.dtype).tiny
             )
@@ -584,6 +586,14 @@ class LiSSAInverse(InverseOperator):
             if not converged:
                 self._warn_residual(worst)
         return x
+
+    def _residual_affordable(self) -> bool:
+        """A full product for the residual: always for the full operator; with mini-batches only
+        when one pass over the batches costs no more than the recursion itself."""
+        if not self.config.stochastic:
+            return True
+        count = self.operator.num_batches  # type: ignore[attr-defined]
+        return count is not None and count <= self.config.depth * self.config.repeats
 
     def _warn_residual(self, residual: float) -> None:
         cfg, s = self.config, self.scale
@@ -630,7 +640,9 @@ class LiSSAInverse(InverseOperator):
         if cfg.stochastic:
             message += (
                 " With stochastic=True a single mini-batch can have larger eigenvalues: use a "
-                "larger scale or batch size."
+                "larger scale or batch size — LiSSA(scale=None, stochastic=True) estimates it "
+                "from the batches, and tt.spectrum(..., batch_sizes=[B]).batch_scaling."
+                "lissa_scale(B) predicts it for batch size B."
             )
         raise SolverDivergedError(message)
 

@@ -14,7 +14,7 @@ estimator traintrace offers scores the same queries; each is judged by
 Influence functions appear twice where the damping matters: with the spectrum heuristic
 (``tt.spectrum(...).suggested_damping``, the smallest damping that makes the Hessian positive
 definite) or the weight decay, and with the damping that maximizes the linearized-Laplace evidence
-(``tt.select_damping``, rows marked "evidence damping"), so the table shows which choice tracks
+(``tt.select_damping``, rows marked "evidence λ"), so the table shows which choice tracks
 leave-one-out retraining better.
 
 All retrains go through one :class:`~traintrace.Retrainer` with an on-disk cache, so they are
@@ -240,11 +240,11 @@ def _estimators(ctx: dict) -> dict[str, Estimate]:
         ),
         "IF exact Hessian": influence(hessian=tt.Exact(), damping=damp),
         "IF exact GGN": influence(hessian=tt.Exact(), curvature="ggn", damping=wd),
-        # the damping maximizing the Laplace evidence of the GGN (tt.select_damping)
-        "IF exact GGN (evidence damping)": influence(
+        # the damping maximizing the Laplace evidence of the GGN (tt.select_damping); the
+        # Hessian is not a Laplace posterior precision here (indefinite), so no Hessian row
+        "IF exact GGN (evidence λ)": influence(
             hessian=tt.Exact(), curvature="ggn", damping=evidence
         ),
-        "IF exact Hessian (evidence damping)": influence(hessian=tt.Exact(), damping=evidence),
         # self-influence would cost one iterative solve per training example: skipped
         "IF CG": influence(False, hessian=tt.CG(tol=1e-8), damping=damp),
         "IF LiSSA": influence(False, hessian=tt.LiSSA(depth=1000), damping=damp),
@@ -403,8 +403,8 @@ def _write_report(result: EvaluationResult, cfg: EvaluateConfig) -> None:
             f"Damping of the influence functions: spectrum heuristic λ = "
             f"{settings['damping']:.4g} (Hessian rows without a mark), weight decay "
             f"{cfg.weight_decay:g} (GGN, EK-FAC, M-FAC), and the λ maximizing the linearized-Laplace "
-            f"evidence of the GGN, λ = {settings['evidence_damping']:.4g} (rows marked 'evidence "
-            f"damping'; log evidence {settings['log_evidence']:.1f} there, "
+            f"evidence of the GGN, λ = {settings['evidence_damping']:.4g} (the row marked "
+            f"'evidence λ'; log evidence {settings['log_evidence']:.1f} there, "
             f"{settings['log_evidence_at_damping']:.1f} at the spectrum's λ)."
         )
     rows = sorted(result.rows, key=lambda r: -_nan_low(r.lds))
