@@ -15,7 +15,7 @@ from traintrace import evaluation as evaluate
 from traintrace.applications.clustering import ClusterResult, cluster
 from traintrace.applications.local_ensembles import LocalEnsembles
 from traintrace.applications.spectrum import SpectrumResult, spectrum
-from traintrace.applications.unlearning import unlearn
+from traintrace.applications.unlearning import SelectParameters, unlearn
 from traintrace.checkpoints import Checkpoint
 from traintrace.curvature import (
     CG,
@@ -130,6 +130,7 @@ __all__ = [
     "Retrainer",
     "RetrainingError",
     "RunConfig",
+    "SelectParameters",
     "SolverDivergedError",
     "SpectrumResult",
     "StoreBusyError",

@@ -183,7 +183,11 @@ class InfluenceFunction(GradientEstimator):
     ) -> InverseOperator | KroneckerInverse:
         if isinstance(self.hessian, KFAC):
             config = self.hessian
-            if self.damping_ is not None:
+            if self.damping == "evidence":  # an absolute λ, whatever the config's scale
+                config = dataclasses.replace(
+                    config, damping=self.damping_, damping_scale="absolute"
+                )
+            elif self.damping_ is not None:
                 config = dataclasses.replace(config, damping=self.damping_)
             return config.prepare(
                 self.model, self.task, state, loader, self.layers, progress=self.progress
@@ -205,7 +209,9 @@ class InfluenceFunction(GradientEstimator):
             # et al. 2021) on the curvature data; on traintrace's scale (C + λI)
             from traintrace.curvature.laplace import select_damping
 
-            kind = self.hessian if isinstance(self.hessian, KFAC) else "ggn"
+            kind: Any = self.hessian if isinstance(self.hessian, KFAC) else "ggn"
+            if self.curvature == "fisher" and not isinstance(self.hessian, KFAC):
+                kind = "fisher"
             self.damping_selection_ = select_damping(
                 self.model,
                 self.task,
