@@ -38,7 +38,9 @@ def test_quick_scenario_finds_the_targets_and_writes_a_report(tmp_path, capsys):
     rif = agg[("backdoor", "RIF (composed, EK-FAC)")]
     assert rif["ranks"] == [1] and rif["recall"] > 0.5 and rif["precision"] > 0.8, rif
     assert rif["recall"] >= agg[("backdoor", "TracIn (raw)")]["recall"]
-    mitigations = {m["attack"]: m for m in results["mitigations"]}
+    mitigations = {
+        m["attack"]: m for m in results["mitigations"] if m["removed_set_of"] == "target"
+    }
     assert mitigations["backdoor"]["attack_effective"] and mitigations["backdoor"]["restored"]
 
     html = (out / "report.html").read_text()

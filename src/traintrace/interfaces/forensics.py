@@ -15,8 +15,9 @@ images by :func:`~traintrace.applications.forensics.identify_targets`, the AUROC
 score (targets vs. every non-target candidate, including all candidates of a model trained
 without the attack), the attack set's precision/recall at the robust cut, and the recall at
 zero clean false positives (the share of attack examples ranked above the first clean one).
-Finally the primary estimator's attack set of the top-ranked suspect is removed and the model
-retrained (:func:`~traintrace.applications.forensics.mitigate`).
+Finally the primary estimator's (RIF's) attack set of the top-ranked suspect is removed and the
+model retrained (:func:`~traintrace.applications.forensics.mitigate`) — and, when the top suspect
+is not the target, the target's own attack set too.
 
 Everything goes to ``<output>/report.html`` and ``<output>/results.json``.
 
@@ -189,10 +190,21 @@ def plant_backdoor(x_tr, y_tr, x_te, y_te, poison: int, rng: np.random.Generator
 
 
 def plant_label_flip(
-    x_tr, y_tr, x_te, y_te, trainer_args: dict, seed: int, counts: Sequence[int], rng
+    x_tr,
+    y_tr,
+    x_te,
+    y_te,
+    clean_model: nn.Module,
+    trainer_args: dict,
+    seed: int,
+    counts: Sequence[int],
+    rng,
 ) -> tuple[Attack, MLP, list[tt.Checkpoint]]:
-    """Flip the labels of the target's nearest same-class neighbours until its prediction flips."""
-    clean_model, _ = Trainer(x_tr, y_tr, **trainer_args).checkpoints(np.arange(len(y_tr)), seed)
+    """Flip the labels of the target's nearest same-class neighbours until its prediction flips.
+
+    The target is one of up to 4 random test images the clean model classifies correctly; the
+    adversarial label is the clean model's second choice for it; ``counts`` are tried in order.
+    """
     with torch.no_grad():
         logits = clean_model(x_te)
     correct = np.flatnonzero((logits.argmax(1) == y_te).numpy())
@@ -470,6 +482,7 @@ class RowResult:
     recall: float
     recall_at_zero_fp: float
     seconds: float
+    outranked_by: list[int] = field(default_factory=list)  # candidates ranked above the target
 
 
 @dataclass
@@ -523,7 +536,8 @@ class ForensicsResult:
         for m in self.mitigations:
             lines.append(
                 f"mitigation [{m['attack']}, seed {m['seed']}, {m['estimator']}, top suspect is "
-                f"target: {m['top_is_target']}]: {m['summary']}"
+                f"target: {m['top_is_target']}, removing the {m['removed_set_of']}'s attack set "
+                f"({m['removed_planted']} planted)]: {m['summary']}"
             )
         lines += [f"note: {n}" for n in self.notes]
         lines.append(f"whole scenario: {self.seconds:.1f} s; report: {self.report}")
@@ -567,6 +581,8 @@ def run_forensics(
         x_tr, y_tr, x_te, y_te = load_digits_split(seed, cfg.n_train)
         everything = np.arange(len(y_tr))
         clean_model, clean_ckpts = Trainer(x_tr, y_tr, **targs).checkpoints(everything, seed)
+        clean_fitted: dict[str, Estimator] = {}
+        clean_train = TensorDataset(x_tr, y_tr)
         for kind in ("backdoor", "label flip"):
             rng = np.random.default_rng([seed, 0 if kind == "backdoor" else 1])
             if kind == "backdoor":
@@ -576,15 +592,18 @@ def run_forensics(
                 )
             else:
                 attack, model, ckpts = plant_label_flip(
-                    x_tr, y_tr, x_te, y_te, targs, seed, cfg.flip_poison, rng
+                    x_tr, y_tr, x_te, y_te, clean_model, targs, seed, cfg.flip_poison, rng
                 )
-            cand_x, _ = _candidates(attack, x_te, cfg.n_candidates, rng)
+            cand_x, others = _candidates(attack, x_te, cfg.n_candidates, rng)
             candidates = TensorDataset(cand_x, torch.zeros(len(cand_x), dtype=torch.long))
             train = TensorDataset(attack.x_train, attack.y_train)
-            clean_train = TensorDataset(x_tr, y_tr)
             with torch.no_grad():
                 target_pred = int(model(attack.target_x).argmax())
                 accuracy = float((model(x_te).argmax(1) == y_te).float().mean())
+                changed = (model(cand_x).argmax(1) != clean_model(cand_x).argmax(1)).nonzero()
+            cand_y = torch.cat([torch.tensor([attack.clean_label]), y_te[others]])
+            with torch.no_grad():
+                wrong = (model(cand_x).argmax(1) != cand_y).nonzero()
             info = {
                 "attack": kind,
                 "seed": seed,
@@ -594,6 +613,10 @@ def run_forensics(
                 "adversarial_label": attack.adversarial_label,
                 "clean_accuracy": accuracy,
                 "n_poison": len(attack.poison),
+                # candidates whose prediction the attack changed (collateral victims) and
+                # candidates the attacked model gets wrong
+                "changed_by_attack": changed.flatten().tolist(),
+                "misclassified": wrong.flatten().tolist(),
             }
             reports: dict[str, TargetReport] = {}
             for name, factory in rows_spec:
@@ -607,8 +630,10 @@ def run_forensics(
                     0
                 ]
                 seconds = time.perf_counter() - t1
-                clean_est = build_or_skip(name, factory, clean_model, clean_ckpts, notes)
-                clean_rep = identify_targets(clean_est.fit(clean_train), candidates)
+                if name not in clean_fitted:  # fitted once per seed, shared by both attacks
+                    clean_est = build_or_skip(name, factory, clean_model, clean_ckpts, notes)
+                    clean_fitted[name] = clean_est.fit(clean_train)
+                clean_rep = identify_targets(clean_fitted[name], candidates)
                 found = rep.attack_set(0).numpy()
                 hits = np.isin(found, attack.poison)
                 rows.append(
@@ -625,6 +650,7 @@ def run_forensics(
                         recall=float(hits.sum() / len(attack.poison)),
                         recall_at_zero_fp=_recall_at_zero_fp(target_row, attack.poison),
                         seconds=seconds,
+                        outranked_by=rep.ranking[: rep.rank_of(0) - 1].tolist(),
                     )
                 )
                 reports[name] = rep
@@ -633,17 +659,25 @@ def run_forensics(
             if cfg.mitigate and primary in reports:
                 rep = reports[primary]
                 top = int(rep.ranking[0])
-                suspected = rep.attack_set(top)
-                result = mitigate(
-                    Trainer(attack.x_train, attack.y_train, **targs),
-                    suspected,
-                    TensorDataset(attack.target_x, torch.tensor([attack.clean_label])),
-                    n_train=len(attack.y_train),
-                    clean_test=TensorDataset(x_te, y_te),
-                    task=tt.Classification(),
-                    seeds=(seed,),
-                )
-                mitigations.append(_mitigation_record(kind, seed, primary, top, result))
+                # what a defender does: remove the top suspect's attack set; and, when the top
+                # suspect is not the target, what removing the target's own attack set does
+                for position in dict.fromkeys([top, 0]):
+                    result = mitigate(
+                        Trainer(attack.x_train, attack.y_train, **targs),
+                        rep.attack_set(position),
+                        TensorDataset(attack.target_x, torch.tensor([attack.clean_label])),
+                        n_train=len(attack.y_train),
+                        clean_test=TensorDataset(x_te, y_te),
+                        task=tt.Classification(),
+                        seeds=(seed,),
+                    )
+                    record = _mitigation_record(kind, seed, primary, position, result)
+                    record["top_is_target"] = top == 0
+                    record["removed_set_of"] = "target" if position == 0 else "top suspect"
+                    record["removed_planted"] = int(
+                        np.isin(result.removed.numpy(), attack.poison).sum()
+                    )
+                    mitigations.append(record)
             if primary in reports:
                 rep = reports[primary]
                 shown.append(
@@ -657,6 +691,7 @@ def run_forensics(
                         "candidates": cand_x,
                         "labels": rep.labels,
                         "primary": primary,
+                        "outranked_by": rep.ranking[: rep.rank_of(0) - 1].tolist(),
                     }
                 )
             else:
@@ -700,6 +735,8 @@ _JSON_KEYS = {
     "n_poison",
     "rank",
     "top",
+    "changed_by_attack",
+    "misclassified",
 }
 
 
@@ -783,14 +820,15 @@ def _write_report(cfg: ForensicsConfig, result: ForensicsResult, shown) -> Path:
         ],
     )
     if result.mitigations:
-        rep.heading("Mitigation: remove the top suspect's attack set and retrain")
+        rep.heading("Mitigation: remove an attack set and retrain (same seed before and after)")
         rep.table(
             [
                 "attack",
                 "seed",
                 "estimator",
                 "top suspect = target",
-                "removed",
+                "attack set removed",
+                "removed (planted)",
                 "target before → after (clean)",
                 "restored",
                 "clean accuracy before → after",
@@ -801,7 +839,8 @@ def _write_report(cfg: ForensicsConfig, result: ForensicsResult, shown) -> Path:
                     m["seed"],
                     m["estimator"],
                     m["top_is_target"],
-                    m["removed"],
+                    m["removed_set_of"],
+                    f"{m['removed']} ({m['removed_planted']})",
                     f"{m['before'][0]} → {m['after'][0]} ({m['clean_label'][0]})",
                     m["restored"],
                     f"{m['accuracy_before']:.1%} → {m['accuracy_after']:.1%}",
@@ -857,6 +896,28 @@ def _write_report(cfg: ForensicsConfig, result: ForensicsResult, shown) -> Path:
                         ],
                     )
                 )
+        above = s.get("outranked_by", [])
+        if above:
+            changed, wrong = set(s["changed_by_attack"]), set(s["misclassified"])
+            rows.append(
+                (
+                    f"ranked above the target ({len(above)})",
+                    [
+                        Card(
+                            img(s["candidates"][p], f"candidate {p}"),
+                            [
+                                f"candidate {p}",
+                                f"explained as {int(s['labels'][p])}",
+                                "changed by the attack"
+                                if p in changed
+                                else ("misclassified" if p in wrong else "clean, correct"),
+                            ],
+                            p in changed,
+                        )
+                        for p in above[:10]
+                    ],
+                )
+            )
         rep.gallery(rows)
     for note in result.notes:
         rep.paragraph(note, note=True)
