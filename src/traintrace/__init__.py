@@ -13,6 +13,12 @@ Score matrices are oriented ``[n_query, n_train]``.
 
 from traintrace import evaluation as evaluate
 from traintrace.applications.clustering import ClusterResult, cluster
+from traintrace.applications.forensics import (
+    MitigationResult,
+    TargetReport,
+    identify_targets,
+    mitigate,
+)
 from traintrace.applications.local_ensembles import LocalEnsembles
 from traintrace.applications.spectrum import SpectrumResult, spectrum
 from traintrace.applications.unlearning import SelectParameters, unlearn
@@ -117,6 +123,7 @@ __all__ = [
     "LiSSA",
     "LocalEnsembles",
     "MislabelDetection",
+    "MitigationResult",
     "ModelDtypeError",
     "ModelOutputError",
     "NonFiniteGradientError",
@@ -138,6 +145,7 @@ __all__ = [
     "StoreIncompleteError",
     "StoreMismatchError",
     "StoreRewrittenError",
+    "TargetReport",
     "Task",
     "TopK",
     "TracIn",
@@ -148,7 +156,9 @@ __all__ = [
     "__version__",
     "cluster",
     "evaluate",
+    "identify_targets",
     "mislabel_detection",
+    "mitigate",
     "query_measurement",
     "query_predictions",
     "report",

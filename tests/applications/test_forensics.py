@@ -169,7 +169,7 @@ def test_renormalized_influence_equals_brute_force(layerwise):
     model, states, _, train, query = _setup(2)
     state = states[-1]
     ckpt = tt.Checkpoint(state)
-    damping = 0.5
+    damping = 1.0  # the Hessian's smallest eigenvalue here is about -0.82
 
     def make(**kw):
         return tt.InfluenceFunction(
@@ -190,35 +190,6 @@ def test_renormalized_influence_equals_brute_force(layerwise):
     assert torch.linalg.eigvalsh(hess).min() > 0  # the reference inverse exists
     kw = {"layerwise": True} if layerwise else {}
     est = make(normalize="train", **kw).fit(TensorDataset(*train))
-    _close(est.score(TensorDataset(*query)), expected)
-
-
-def test_composed_rif_equals_brute_force():
-    """The scenario's stand-in (IF score / ‖∇l(z)‖ from public parts) matches the reference."""
-    from traintrace.interfaces.forensics import Renormalized
-
-    model, states, _, train, query = _setup(3)
-    ckpt = tt.Checkpoint(states[-1])
-    damping = 0.5
-    base = tt.InfluenceFunction(
-        model, tt.Classification(), ckpt, hessian="exact", damping=damping, progress=False
-    )
-    est = Renormalized(base, ckpt).fit(TensorDataset(*train))
-    expected, _ = brute_rif(model, states[-1], train, query, damping, False)
-    _close(est.score(TensorDataset(*query)), expected)
-
-
-def test_composed_layerwise_gas_equals_brute_force():
-    from traintrace.interfaces.forensics import LayerSum
-
-    model, states, lrs, train, query = _setup(4)
-    ckpts = [tt.Checkpoint(s, lr=lr) for s, lr in zip(states, lrs, strict=True)]
-    parts = [
-        tt.TracIn(model, tt.Classification(), ckpts, layers=[n], normalize=True, progress=False)
-        for n in LAYERS
-    ]
-    est = LayerSum(parts).fit(TensorDataset(*train))
-    expected = brute_renormalized_tracin(model, states, lrs, train, query, "cosine", True)
     _close(est.score(TensorDataset(*query)), expected)
 
 
@@ -356,8 +327,6 @@ def _recall_at_cut(est, attack, candidates) -> float:
 
 @pytest.mark.slow
 def test_renormalized_recall_at_least_raw_on_a_planted_backdoor(backdoor):
-    from traintrace.interfaces.forensics import Renormalized
-
     attack, _, model, ckpts, (x_te, _) = backdoor
     cand_x = torch.cat([attack.target_x, x_te[:19]])
     candidates = TensorDataset(cand_x)
@@ -368,11 +337,8 @@ def test_renormalized_recall_at_least_raw_on_a_planted_backdoor(backdoor):
     raw_if = tt.InfluenceFunction(
         model, task, ckpts[-1], hessian=tt.EKFAC(), damping=0.01, progress=False
     )
-    rif = Renormalized(
-        tt.InfluenceFunction(
-            model, task, ckpts[-1], hessian=tt.EKFAC(), damping=0.01, progress=False
-        ),
-        ckpts[-1],
+    rif = tt.InfluenceFunction(
+        model, task, ckpts[-1], hessian=tt.EKFAC(), damping=0.01, normalize="train", progress=False
     ).fit(train)
     r_raw, r_gas = _recall_at_cut(raw, attack, candidates), _recall_at_cut(gas, attack, candidates)
     r_if, r_rif = (
@@ -387,22 +353,18 @@ def test_renormalized_recall_at_least_raw_on_a_planted_backdoor(backdoor):
 @pytest.mark.slow
 @pytest.mark.parametrize("removed", ["planted", "recovered"])
 def test_mitigation_restores_the_target_in_the_planted_case(backdoor, removed):
-    from traintrace.interfaces.forensics import Renormalized
-
     attack, trainer, model, ckpts, (x_te, y_te) = backdoor
     if removed == "planted":
         suspected = torch.as_tensor(attack.poison)
     else:  # what RIF recovers at the robust cut for the target
-        rif = Renormalized(
-            tt.InfluenceFunction(
-                model,
-                tt.Classification(),
-                ckpts[-1],
-                hessian=tt.EKFAC(),
-                damping=0.01,
-                progress=False,
-            ),
+        rif = tt.InfluenceFunction(
+            model,
+            tt.Classification(),
             ckpts[-1],
+            hessian=tt.EKFAC(),
+            damping=0.01,
+            normalize="train",
+            progress=False,
         ).fit(TensorDataset(attack.x_train, attack.y_train))
         suspected = identify_targets(rif, TensorDataset(attack.target_x)).attack_set(0)
         assert len(suspected) >= 0.8 * len(attack.poison)

@@ -35,7 +35,7 @@ def test_quick_scenario_finds_the_targets_and_writes_a_report(tmp_path, capsys):
         assert len(row["ranks"]) == 1 and 1 <= row["ranks"][0] <= 30
         assert 0 <= row["auroc"] <= 1 and 0 <= row["recall"] <= 1
     # the renormalized influence function finds the backdoor's target and most of its poison
-    rif = agg[("backdoor", "RIF (composed, EK-FAC)")]
+    rif = agg[("backdoor", "RIF (EK-FAC)")]
     assert rif["ranks"] == [1] and rif["recall"] > 0.5 and rif["precision"] > 0.8, rif
     assert rif["recall"] >= agg[("backdoor", "TracIn (raw)")]["recall"]
     mitigations = {

@@ -226,6 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--quick", action="store_true", help="a small configuration (smoke test)")
     ev.add_argument("--quiet", action="store_true", help="no progress output")
     ev.set_defaults(func=_evaluate)
+    from traintrace.interfaces import forensics
+
+    forensics.add_parser(sub)
     return parser
 
 

@@ -55,7 +55,6 @@ from traintrace.methods.base import Estimator
 __all__ = [
     "ForensicsConfig",
     "ForensicsResult",
-    "Renormalized",
     "add_parser",
     "default_estimators",
     "run",
@@ -246,90 +245,6 @@ def plant_label_flip(
 # -- estimators ----------------------------------------------------------------------------------
 
 
-class Renormalized(Estimator):
-    """Scores of ``base`` divided by each training example's gradient norm (RIF composed).
-
-    ``score(z, z') = base.score(z, z') / ‖∇l(z, θ)‖`` with the norm from an unprojected
-    TracIn at ``checkpoint`` with weight 1 (``self_influence = ‖∇l‖²``). A stand-in built from
-    public parts for the renormalized influence functions (``normalize="train"``) until the
-    estimators take the keyword. ``[n_query, n_train]``; positive = helps.
-    """
-
-    def __init__(self, base: Estimator, checkpoint: tt.Checkpoint) -> None:
-        self.base = base
-        self.model = base.model  # type: ignore[attr-defined]
-        self.task = base.task  # type: ignore[attr-defined]
-        self.checkpoints = [checkpoint]
-        self._norm = tt.TracIn(
-            self.model,
-            self.task,
-            [tt.Checkpoint(checkpoint.state, lr=1.0)],
-            layers=getattr(base, "layers", None),
-            progress=False,
-        )
-
-    def fit(self, train: Any) -> Renormalized:
-        self.base.fit(train)
-        norms = self._norm.fit(train).self_influence().sqrt()
-        if not bool((norms > 0).all()):
-            raise ConfigurationError(
-                "some training examples have a zero gradient; their renormalized score is undefined"
-            )
-        self.norms_ = norms
-        self.n_train_ = self.base.n_train_
-        return self
-
-    def _score_blocks(self, queries: Any):
-        for block in self.base._score_blocks(queries):
-            yield block / self.norms_.to(block.dtype)
-
-
-class LayerSum(Estimator):
-    """``Σ_l`` of per-layer estimators (layer-wise GAS composed from ``TracIn(layers=[l])``)."""
-
-    def __init__(self, parts: list[Estimator]) -> None:
-        self.parts = parts
-        self.model = parts[0].model  # type: ignore[attr-defined]
-        self.task = parts[0].task  # type: ignore[attr-defined]
-        self.checkpoints = parts[0].checkpoints  # type: ignore[attr-defined]
-
-    def fit(self, train: Any) -> LayerSum:
-        for p in self.parts:
-            p.fit(train)
-        self.n_train_ = self.parts[0].n_train_
-        return self
-
-    def _score_blocks(self, queries: Any):
-        for blocks in zip(*(p._score_blocks(queries) for p in self.parts), strict=True):
-            yield sum(blocks)
-
-
-def _layer_names(model: nn.Module) -> list[str]:
-    return [n for n, m in model.named_modules() if list(m.parameters(recurse=False))]
-
-
-def _validates_normalize(cls: type, model: nn.Module, ckpts: list[tt.Checkpoint]) -> bool:
-    """True when ``cls`` rejects an unknown ``normalize`` mode (the string API has landed)."""
-    ckpt = ckpts if cls is tt.TracIn else ckpts[-1]
-    try:
-        cls(model, tt.Classification(), ckpt, normalize="no-such-mode", progress=False)
-    except (TypeError, ConfigurationError):
-        return True
-    return False
-
-
-def _needs_string_normalize(cls: type, factory: Factory) -> Factory:
-    def make(model: nn.Module, ckpts: list[tt.Checkpoint]) -> Estimator:
-        if not _validates_normalize(cls, model, ckpts):
-            raise ConfigurationError(
-                f"{cls.__name__} does not validate normalize= modes yet (normalize='train' "
-                "would be read as True)"
-            )
-        return factory(model, ckpts)
-
-    return make
-
-
 def _if(model, ckpts, hessian: str = "exact", **kw) -> Estimator:
     """Influence functions at the last checkpoint: exact damped Gauss–Newton, or EK-FAC."""
     if hessian == "ekfac":
@@ -359,11 +274,11 @@ def default_estimators(
 ) -> list[tuple[str, Factory]]:
     """The estimator rows of the scenario: raw and renormalized TracIn and influence functions.
 
-    Rows whose keyword this version lacks are skipped at run time with a note; "(composed)"
-    rows build the renormalized variant from public parts so it can be measured today.
+    The renormalized rows use the estimators' ``normalize=`` / ``layerwise=`` keywords (GAS:
+    ``"cosine"``; renormalized influence: ``"train"``).
     ``hessian``: the influence functions' curvature — EK-FAC (default, a fraction of a second)
     or the exact damped Gauss–Newton matrix (``O(P)`` passes over the data: ~10 s per fit here).
-    ``quick``: raw TracIn, GAS and composed RIF only.
+    ``quick``: raw TracIn, GAS and RIF only.
     """
     task = tt.Classification()
 
@@ -375,34 +290,18 @@ def default_estimators(
 
     curv = "EK-FAC" if hessian == "ekfac" else "exact GGN"
     raw_tracin = ("TracIn (raw)", tracin())
-    gas = ("GAS (cosine TracIn)", tracin(normalize=True))
-    rif_composed = (
-        f"RIF (composed, {curv})",
-        lambda model, ckpts: Renormalized(_if(model, ckpts, hessian), ckpts[-1]),
-    )
+    gas = ("GAS (cosine TracIn)", tracin(normalize="cosine"))
+    rif = (f"RIF ({curv})", inf(normalize="train"))
     if quick:
-        return [raw_tracin, gas, rif_composed]
+        return [raw_tracin, gas, rif]
     return [
         raw_tracin,
         gas,
-        (
-            "layer-wise GAS (composed)",
-            lambda model, ckpts: LayerSum(
-                [
-                    tt.TracIn(model, task, ckpts, layers=[name], normalize=True, progress=False)
-                    for name in _layer_names(model)
-                ]
-            ),
-        ),
         ("layer-wise GAS", tracin(normalize="cosine", layerwise=True)),
-        ("renormalized TracIn", _needs_string_normalize(tt.TracIn, tracin(normalize="train"))),
+        ("renormalized TracIn", tracin(normalize="train")),
         (f"IF (raw, {curv})", inf()),
-        rif_composed,
-        (f"RIF ({curv})", _needs_string_normalize(tt.InfluenceFunction, inf(normalize="train"))),
-        (
-            f"layer-wise RIF ({curv})",
-            _needs_string_normalize(tt.InfluenceFunction, inf(normalize="train", layerwise=True)),
-        ),
+        rif,
+        (f"layer-wise RIF ({curv})", inf(normalize="train", layerwise=True)),
     ]
 
 
@@ -574,8 +473,8 @@ def run_forensics(
     mitigations: list[dict[str, Any]] = []
     shown: list[dict[str, Any]] = []
     targs = dict(hidden=cfg.hidden, epochs=cfg.epochs, lr=cfg.lr, n_checkpoints=cfg.checkpoints)
-    # the primary row: the last available row whose name starts with cfg.primary (a native
-    # RIF, once the estimators take the keyword, wins over the composed one listed before it)
+    # the primary row (its attack set is removed for mitigation): the first row whose name
+    # starts with cfg.primary
     primary_names = [n for n, _ in rows_spec if n.startswith(cfg.primary)] or [rows_spec[-1][0]]
     for seed in cfg.seeds:
         x_tr, y_tr, x_te, y_te = load_digits_split(seed, cfg.n_train)
@@ -655,7 +554,7 @@ def run_forensics(
                 )
                 reports[name] = rep
             available = [n for n in primary_names if n in reports]
-            primary = available[-1] if available else ""
+            primary = available[0] if available else ""
             if cfg.mitigate and primary in reports:
                 rep = reports[primary]
                 top = int(rep.ranking[0])
