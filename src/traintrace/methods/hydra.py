@@ -37,7 +37,6 @@ from tqdm.auto import tqdm
 from traintrace.checkpoints import Checkpoint
 from traintrace.data import as_loader, batch_size_of, dataset_length, iterate_batches, to_plain
 from traintrace.exceptions import ConfigurationError, NotFittedError
-from traintrace.features.gradients import GradientComputer
 from traintrace.features.params import Layers, select_parameters
 from traintrace.methods.base import Data, Estimator
 from traintrace.task import Task
@@ -57,14 +56,21 @@ _MODES = ("new", "resume", "overwrite", "read")
 
 # -- featurizers: exact gradients or a projection ---------------------------------------------------
 class _ExactFeatures:
-    """Exact flat per-example gradients (``GradientComputer``), ``width = P``."""
+    """Exact flat per-example gradients from the engine's hooked capture, ``width = P``.
+
+    Covered layers need no ``vmap`` (padded batches and SDPA attention stay batched); the rest
+    use exact ``vmap`` gradients (:class:`~traintrace.features.engine.ExactGradients`).
+    """
 
     def __init__(self, model: nn.Module, task: Task, layers: Layers) -> None:
-        self.computer = GradientComputer(model, task, layers)
-        self.width = self.computer.layout.numel
+        from traintrace.features.engine import ExactGradients
+
+        self.engine = ExactGradients(model, task, layers)
+        self.width = self.engine.layout.numel
 
     def features(self, state: Mapping[str, Tensor], batch: Any, kind: str, where: str) -> Tensor:
-        return self.computer.per_example(state, batch, kind, where=where)  # type: ignore[arg-type]
+        cap = self.engine.capture(state, batch, kind, where=where)  # type: ignore[arg-type]
+        return self.engine.flatten(cap)
 
 
 class _ForeignFeatures:
