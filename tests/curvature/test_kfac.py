@@ -143,11 +143,11 @@ def block_coords(inv: KroneckerInverse, block: KroneckerBlock) -> torch.Tensor:
     def rng(name):
         return torch.arange(sl[name].start, sl[name].stop)
 
-    if block.kind == "Embedding":
-        vocab, dim = shape[block.weight]
-        return rng(block.weight).reshape(vocab, dim).T.flatten()
     cols = []
-    if block.weight is not None:
+    if block.weight is not None and block.transposed:  # Embedding [V, d], Conv1D [d_in, d_out]
+        first, second = shape[block.weight]
+        cols.append(rng(block.weight).reshape(first, second).T)
+    elif block.weight is not None:
         cols.append(rng(block.weight).reshape(shape[block.weight][0], -1))
     if block.bias is not None:
         cols.append(rng(block.bias).reshape(-1, 1))
@@ -741,6 +741,10 @@ def test_tiny_gpt2_conv1d_and_tied_lm_head_equal_brute_force(cls):
     assert cov["transformer.wpe.weight"] == "kronecker:Embedding"  # [1, T] position ids
     assert cov["transformer.h.0.ln_1.weight"].startswith("diagonal:LayerNorm")
     check_against_brute_force(model, task, batches, inv, ekfac=cls is EKFAC)
+    lam = 0.05  # Conv1D with bias and the tied block map to and from the flat layout
+    dense = dense_from_blocks(inv) + lam * torch.eye(inv.layout.numel, dtype=DT)
+    v = torch.randn(3, inv.layout.numel, dtype=DT, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(inv.solve(v, lam), torch.linalg.solve(dense, v.T).T)
 
 
 @pytest.mark.parametrize("cls", [KFAC, EKFAC])
@@ -839,3 +843,46 @@ def test_true_fisher_diagonal_blocks_use_the_same_sampled_labels():
             probs = torch.softmax(model(x).float(), -1)
         relabeled.append((x, torch.multinomial(probs, 1, generator=gen).squeeze(-1)))
     check_against_brute_force(model, task, relabeled, inv)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "bert", "embedding", "conv", "sequence", "functional"])
+@pytest.mark.parametrize("cls", [KFAC, EKFAC])
+def test_quadratic_and_directions_from_a_capture_equal_solve_on_formed_gradients(kind, cls):
+    from traintrace.features.engine import ExactGradients
+
+    if kind == "gpt2":
+        model, task, batches = tiny_gpt2(), LanguageModeling(), token_batches(labels=False)
+    elif kind == "bert":
+        model, task, batches = tiny_bert(), Classification(), token_batches(labels=True)
+    elif kind == "functional":
+        model, task, full = DoubleUse().to(DT), Classification(), make("mlp")[2]
+        batches = _split(full)
+    else:
+        model, task, full = make(kind)
+        batches = _split(full)
+    inv = cls(damping=0.03, sampled_labels=False).prepare(model, task, None, batches)
+    engine = ExactGradients(model, task)
+    state = model.state_dict()
+    for batch in batches:
+        cap = engine.capture(state, batch)
+        flat = engine.flatten(cap)
+        solved = inv.solve(flat)
+        torch.testing.assert_close(
+            inv.quadratic(engine, cap), (solved * flat).sum(1), rtol=1e-9, atol=1e-12
+        )
+        torch.testing.assert_close(
+            inv.quadratic(engine, cap, damping=0.5, scale=-2.0),
+            -2.0 * (inv.solve(flat, 0.5) * flat).sum(1),
+            rtol=1e-9,
+            atol=1e-12,
+        )
+        got = inv.directions(engine, cap)
+        want = engine.directions_from_flat(solved)
+        for key, d in want.dense.items():
+            torch.testing.assert_close(got.dense[key], d, rtol=1e-9, atol=1e-12)
+        if want.flat is not None:
+            torch.testing.assert_close(got.flat, want.flat, rtol=1e-9, atol=1e-12)
+        # and the engine scores them as it scores the flat solve
+        torch.testing.assert_close(
+            engine.dot(cap, got), engine.dot(cap, want), rtol=1e-9, atol=1e-12
+        )

@@ -115,9 +115,9 @@ from tqdm import tqdm
 
 from traintrace.data import batch_size_of, to_plain
 from traintrace.exceptions import ConfigurationError, NonFiniteGradientError
-from traintrace.features.engine import _form
+from traintrace.features.engine import Directions, ExactGradients, _form
 from traintrace.features.hooks import Capture
-from traintrace.features.layers import _Group, from_canonical, layer_type
+from traintrace.features.layers import _Group, canonical_matrix, from_canonical, layer_type
 from traintrace.features.params import Layers, ParameterLayout
 from traintrace.features.projections import ProjectedGradients
 from traintrace.task import Task
@@ -259,6 +259,7 @@ class KroneckerBlock:
         Q_S: ``[d_out, d_out]`` eigenvectors of ``S``.
         eigenvalues: ``Λ``, ``[d_out, d_in]`` (K-FAC: ``λ_S λ_Aᵀ``; EK-FAC: refitted).
         transposed: the canonical matrix is the weight transposed (Embedding, Conv1D owners).
+        key: the capture's group key (the weight's name, or the bias's when alone).
     """
 
     module: str
@@ -271,6 +272,7 @@ class KroneckerBlock:
     Q_S: Tensor
     eigenvalues: Tensor
     transposed: bool = False
+    key: str = ""
 
     @property
     def params(self) -> tuple[str, ...]:
@@ -357,9 +359,8 @@ class KroneckerInverse:
     def _from_matrix(self, block: KroneckerBlock, m: Tensor, out: Tensor) -> None:
         n = m.shape[0]
         if block.weight is not None:
-            w = m.transpose(1, 2) if block.transposed else m
-            if block.bias is not None:
-                w = w[:, :, :-1]
+            w = m[:, :, :-1] if block.bias is not None else m  # the bias is the last column
+            w = w.transpose(1, 2) if block.transposed else w
             out[:, self._slices[block.weight]] = w.reshape(n, -1).to(out.dtype)
         if block.bias is not None:
             out[:, self._slices[block.bias]] = m[:, :, -1].to(out.dtype)
@@ -453,6 +454,168 @@ class KroneckerInverse:
         eye = torch.eye(self.layout.numel, dtype=dtype, device=device)
         return self.matvec(eye, damping).T.contiguous()
 
+    # -- on captured per-example gradients (no flat gradient formed) -------------------------
+    def _check_engine(self, engine: ExactGradients) -> None:
+        if tuple(engine.names) != tuple(self.layout.names):
+            raise ConfigurationError(
+                f"{self.method}: the capture covers parameters {list(engine.names)[:4]}..., the "
+                f"inverse {list(self.layout.names)[:4]}...; build both with the same layers="
+            )
+
+    def _per_group(
+        self, engine: ExactGradients, lam: float, dtype: torch.dtype
+    ) -> Iterator[tuple[_Group, KroneckerBlock | None, Any]]:
+        by_key = {
+            b.key: (b, basis) for b, basis in zip(self.blocks, self._bases(dtype), strict=True)
+        }
+        for g in engine._groups:
+            hit = by_key.get(g.key)
+            if hit is not None and hit[0].params != g.params:
+                hit = None
+            if hit is None:
+                if any(n not in self.diagonal for n in g.params):
+                    raise ConfigurationError(
+                        f"{self.method}: layer {g.key!r} is grouped differently in the capture "
+                        "and in the inverse; build both from the same model and layers="
+                    )
+                yield g, None, None
+                continue
+            block, (q_s, q_a, values) = hit
+            denom = values + self._block_damping(values, lam)
+            if not bool((denom > 0).all()):
+                raise ConfigurationError(
+                    f"{self.method} block {block.module or '<root>'!r} has zero curvature in some "
+                    f"directions and damping={lam} ({self.damping_scale}); use damping > 0"
+                )
+            yield g, block, (q_s, q_a, 1.0 / denom)
+
+    def _diag_inverse(self, name: str, lam: float, dtype: torch.dtype) -> Tensor:
+        diag = self.diagonal[name].reshape(-1).to(dtype)
+        denom = diag + self._block_damping(diag, lam)
+        if not bool((denom > 0).all()):
+            raise ConfigurationError(
+                f"{self.method} block {name!r} has zero curvature in some directions and "
+                f"damping={lam} ({self.damping_scale}); use damping > 0"
+            )
+        return 1.0 / denom
+
+    def quadratic(
+        self,
+        engine: ExactGradients,
+        cap: Capture,
+        damping: float | None = None,
+        *,
+        scale: float = 1.0,
+    ) -> Tensor:
+        """``g_iᵀ (F̂ + λI)⁻¹ g_i`` for every example of a capture, ``[B]`` (self-influence).
+
+        In each Kronecker block ``Σ_jk ((Q_Sᵀ G_i Q_A)_jk)² / (Λ_jk + λ)``, from the rotated
+        captured sides (``Q_Sᵀ r_t``, ``Q_Aᵀ c_t``): ``B·T·(d_out² + d_in²) + B·d_out·d_in``
+        multiply-adds per layer for one position (``T = 1``), against
+        ``2B·(d_out² d_in + d_out d_in²)`` for :meth:`solve` on the formed gradients. ``cap``
+        comes from ``engine.capture`` (an :class:`~traintrace.features.ExactGradients` over the
+        same parameters); diagonal blocks use its exact ``flat``/``formed`` parts. The result is
+        multiplied by ``scale``.
+        """
+        self._check_engine(engine)
+        lam = self.damping if damping is None else float(damping)
+        dtype = torch.promote_types(cap.values.dtype, torch.float32)
+        out = torch.zeros(cap.size, dtype=dtype, device=cap.values.device)
+        for g, block, basis in self._per_group(engine, lam, dtype):
+            if block is None:
+                named = from_canonical(g, engine._group_matrix(cap, g), engine._shapes)
+                for n, x in named.items():
+                    w = self._diag_inverse(n, lam, dtype)
+                    out += (x.to(dtype) ** 2 * w).sum(1)
+                continue
+            q_s, q_a, w = basis
+            if g.key in cap.formed:
+                m = (
+                    _right(_left(q_s.T, cap.formed[g.key].to(dtype)), q_a)
+                    if q_a is not None
+                    else (_left(q_s.T, cap.formed[g.key].to(dtype)))
+                )
+                out += (m**2 * w).sum((1, 2))
+                continue
+            terms = cap.terms.get(g.key)
+            if not terms:
+                continue
+            rot = _rotate_terms(terms, q_s, q_a)
+            if q_a is None and all(_is_tokens(c) for _, c in rot):
+                keys, sums = _token_sums(rot, g.cols, dtype)
+                val = (sums**2 * w[:, keys % g.cols].T).sum(1)
+                out.index_add_(0, keys // g.cols, val)
+                continue
+            rot = _densify_tokens(rot, g.cols)
+            if len(rot) == 1 and rot[0][0].shape[-1] == 1:
+                r, c = rot[0][0][:, :, 0], rot[0][1][:, :, 0]
+                out += ((r**2) @ w * c**2).sum(1)
+                continue
+            chunk = max(1, _CHUNK_ELEMENTS // (g.rows * g.cols))
+            for start in range(0, cap.size, chunk):
+                part = [(r[start : start + chunk], c[start : start + chunk]) for r, c in rot]
+                m = _form(part, g.rows, g.cols)
+                out[start : start + chunk] += (m**2 * w).sum((1, 2))
+        if cap.flat is not None:
+            for n, sl in engine._dense_slices.items():
+                w = self._diag_inverse(n, lam, dtype)
+                out += (cap.flat[:, sl].to(dtype) ** 2 * w).sum(1)
+        return out * scale
+
+    def directions(
+        self,
+        engine: ExactGradients,
+        cap: Capture,
+        damping: float | None = None,
+        *,
+        scale: float = 1.0,
+    ) -> Directions:
+        """``(F̂ + λI)⁻¹ q_j`` for the captured queries, as dense engine directions.
+
+        Each Kronecker block gives ``Q_S ((Q_Sᵀ G_j Q_A) ⊘ (Λ + λ)) Q_Aᵀ`` in the layer's
+        canonical shape ``[m, d_out, d_in]``: the rotation into the eigenbasis uses the captured
+        sides (``m·T·(d_out² + d_in²)`` plus ``m·T·d_out·d_in`` to form), the rotation back two
+        GEMMs (``m·(d_out² d_in + d_out d_in²)``); no flat gradient is formed. Equals
+        ``engine.directions_from_flat(scale * solve(engine.flatten(cap)))``.
+        """
+        self._check_engine(engine)
+        lam = self.damping if damping is None else float(damping)
+        dtype = torch.promote_types(cap.values.dtype, torch.float32)
+        dense: dict[str, Tensor] = {}
+        for g, block, basis in self._per_group(engine, lam, dtype):
+            if block is None:
+                named = from_canonical(g, engine._group_matrix(cap, g), engine._shapes)
+                named = {
+                    n: x.to(dtype) * self._diag_inverse(n, lam, dtype) for n, x in named.items()
+                }
+                dense[g.key] = canonical_matrix(g, named, engine._shapes)
+                continue
+            q_s, q_a, w = basis
+            if g.key in cap.formed:
+                m = _left(q_s.T, cap.formed[g.key].to(dtype))
+                if q_a is not None:
+                    m = _right(m, q_a)
+            elif cap.terms.get(g.key):
+                rot = _rotate_terms(cap.terms[g.key], q_s, q_a)  # tokens stay tokens (Q_A = I)
+                m = _form(rot, g.rows, g.cols)
+            else:
+                continue  # the layer did not run: a zero direction
+            m = _left(q_s, m * w)
+            dense[g.key] = _right(m, q_a.T) if q_a is not None else m
+        flat = None
+        if cap.flat is not None:
+            parts = [
+                cap.flat[:, sl].to(dtype) * self._diag_inverse(n, lam, dtype)
+                for n, sl in engine._dense_slices.items()
+            ]
+            flat = torch.cat(parts, dim=1)
+        ref = cap.values.dtype
+        return Directions(
+            cap.size,
+            dense={k: (v * scale).to(ref) for k, v in dense.items()},
+            flat=None if flat is None else (flat * scale).to(ref),
+        )
+
 
 # ----------------------------------------------------------------------------------------------
 # computing the factors from the shared capture
@@ -491,6 +654,54 @@ def _finite(x: Tensor) -> bool:
 
 def _is_tokens(side: Tensor) -> bool:
     return side.ndim == 2
+
+
+def _rotate(side: Tensor, q: Tensor | None) -> Tensor:
+    """``Qᵀ x_t`` for every position, ``[B, d, T]`` (tokens: rows of ``Q``; padding 0)."""
+    if q is None:
+        return side
+    if _is_tokens(side):
+        rows = q[side.clamp(min=0)] * (side >= 0).unsqueeze(-1).to(q.dtype)  # [B, T, d]
+        return rows.transpose(1, 2)
+    b, d, t = side.shape  # one GEMM over all positions: [B·T, d] @ Q
+    flat = side.transpose(1, 2).reshape(b * t, d).to(q.dtype) @ q
+    return flat.reshape(b, t, q.shape[1]).transpose(1, 2)
+
+
+def _rotate_terms(
+    terms: list[tuple[Tensor, Tensor]], q_s: Tensor, q_a: Tensor | None
+) -> list[tuple[Tensor, Tensor]]:
+    """The captured terms of ``Q_Sᵀ G_i Q_A``: rotated rows and cols sides."""
+    return [(_rotate(r, q_s), _rotate(c, q_a)) for r, c in terms]
+
+
+def _token_sums(
+    rot: list[tuple[Tensor, Tensor]], cols: int, dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """One-hot columns: ``(keys, sums)`` with ``sums[k] = Σ r'_t`` over the positions of
+    example ``keys[k] // cols`` holding token ``keys[k] % cols`` (the nonzero columns of
+    ``Q_Sᵀ G_i``)."""
+    b = rot[0][0].shape[0]
+    keys, vals = [], []
+    for r, c in rot:
+        valid = c >= 0
+        example = torch.arange(b, device=c.device).unsqueeze(1).expand_as(c)
+        keys.append(example[valid] * cols + c[valid])
+        vals.append(r.transpose(1, 2)[valid])
+    uniq, inverse = torch.unique(torch.cat(keys), return_inverse=True)
+    rows = rot[0][0].shape[1]
+    sums = torch.zeros(uniq.shape[0], rows, dtype=dtype, device=uniq.device)
+    sums.index_add_(0, inverse, torch.cat(vals).to(dtype))
+    return uniq, sums
+
+
+def _densify_tokens(rot: list[tuple[Tensor, Tensor]], cols: int) -> list[tuple[Tensor, Tensor]]:
+    out = []
+    for r, c in rot:
+        if _is_tokens(c):
+            c = _rotate(c, torch.eye(cols, dtype=r.dtype, device=r.device))
+        out.append((r, c))
+    return out
 
 
 class _Fitter:
@@ -585,8 +796,11 @@ class _Fitter:
         if self.num_examples == 0:
             raise ConfigurationError(f"{self.method}: the batches held no examples")
         self._eigen()
-        if self.cfg.refit_eigenvalues:
-            self._pass(refit=True)
+        if self.cfg.refit_eigenvalues and not self._pass(refit=True):
+            raise ConfigurationError(
+                f"{self.method}: the layers the hooks serve changed between the two passes; "
+                "the batches must be the same on every iteration"
+            )
         return self._result()
 
     def _pass(self, refit: bool) -> bool:
@@ -679,15 +893,20 @@ class _Fitter:
     def _accumulate_factors(
         self, st: _Stats, terms: list[tuple[Tensor, Tensor]], first: bool
     ) -> None:
-        """A += Σ c cᵀ (once per batch), S += Σ r rᵀ (every label sample), M += positions."""
+        """A += Σ c cᵀ, S += Σ r rᵀ (every label sample), M += positions (first sample only).
+
+        Both sums are averaged over the ``num_samples`` label samples: the activation side of a
+        layer is the same for every sample, but a tied weight's cols side may be an output
+        gradient (GPT-2's ``lm_head`` logits), which is not.
+        """
         for r, c in terms:
             valid = None
             if _is_tokens(c):
                 valid = c >= 0
             elif _is_tokens(r):
                 valid = r >= 0
+            self._add_gram(st.A_sum, c, valid, diagonal=st.a_diag)
             if first:
-                self._add_gram(st.A_sum, c, valid, diagonal=st.a_diag)
                 st.positions += (
                     float(valid.sum()) if valid is not None else r.shape[0] * r.shape[-1]
                 )
@@ -723,42 +942,17 @@ class _Fitter:
             prev = self.diag_sum.get(n)
             self.diag_sum[n] = sq if prev is None else prev + sq
 
-    def _rotate(self, side: Tensor, q: Tensor | None) -> Tensor:
-        """``Qᵀ x_t`` for every position, ``[B, d, T]`` (tokens: rows of ``Q``; padding 0)."""
-        if q is None:
-            return side
-        if _is_tokens(side):
-            rows = q[side.clamp(min=0)] * (side >= 0).unsqueeze(-1).to(q.dtype)  # [B, T, d]
-            return rows.transpose(1, 2)
-        b, d, t = side.shape  # one GEMM over all positions: [B·T, d] @ Q
-        flat = side.transpose(1, 2).reshape(b * t, d).to(q.dtype) @ q
-        return flat.reshape(b, t, q.shape[1]).transpose(1, 2)
-
     def _accumulate_lambda(self, st: _Stats, terms: list[tuple[Tensor, Tensor]]) -> None:
         """EK-FAC: Λ_sum += Σ_i (Q_Sᵀ G_i Q_A)², G_i = Σ_terms Σ_t r_t c_tᵀ, from rotated sides."""
         assert st.Q_S is not None and st.lam_sum is not None
-        rot = [(self._rotate(r, st.Q_S), self._rotate(c, st.Q_A)) for r, c in terms]
+        rot = _rotate_terms(terms, st.Q_S, st.Q_A)
         rows, cols = st.group.rows, st.group.cols
         if st.Q_A is None and all(_is_tokens(c) for _, c in rot):
             # one-hot columns: entry (j, v) of example i sums r'_t over its positions with token v
-            b = rot[0][0].shape[0]
-            keys, vals = [], []
-            for r, c in rot:
-                valid = c >= 0
-                example = torch.arange(b, device=c.device).unsqueeze(1).expand_as(c)
-                keys.append(example[valid] * cols + c[valid])
-                vals.append(r.transpose(1, 2)[valid])
-            uniq, inverse = torch.unique(torch.cat(keys), return_inverse=True)
-            sums = torch.zeros(uniq.shape[0], rows, dtype=self.dtype, device=st.lam_sum.device)
-            sums.index_add_(0, inverse, torch.cat(vals).to(self.dtype))
+            uniq, sums = _token_sums(rot, cols, self.dtype)
             st.lam_sum.index_add_(1, uniq % cols, (sums**2).T)
             return
-        rot = [
-            (r, self._rotate(c, torch.eye(cols, dtype=self.dtype, device=r.device)))
-            if _is_tokens(c)
-            else (r, c)
-            for r, c in rot
-        ]
+        rot = _densify_tokens(rot, cols)
         if len(rot) == 1 and rot[0][0].shape[-1] == 1:  # one position: (r')² (c')²ᵀ
             r, c = rot[0]
             st.lam_sum.addmm_((r[:, :, 0] ** 2).T, c[:, :, 0] ** 2)
@@ -773,8 +967,8 @@ class _Fitter:
 
     # -- eigendecomposition and result -----------------------------------------------------
     def _factors(self, st: _Stats) -> tuple[Tensor, Tensor]:
-        a = st.A_sum / self.num_examples
         k = self.cfg.num_samples
+        a = st.A_sum / (self.num_examples * k)
         s = st.S_sum / (st.positions * k) if st.positions else st.S_sum.clone()
         return a, s
 
@@ -815,7 +1009,17 @@ class _Fitter:
             g = st.group
             blocks.append(
                 KroneckerBlock(
-                    st.name, g.type, g.weight, g.bias, a, s, st.Q_A, st.Q_S, lam, g.transposed
+                    st.name,
+                    g.type,
+                    g.weight,
+                    g.bias,
+                    a,
+                    s,
+                    st.Q_A,
+                    st.Q_S,
+                    lam,
+                    g.transposed,
+                    g.key,
                 )
             )
         coverage: dict[str, str] = {}
