@@ -886,3 +886,31 @@ def test_quadratic_and_directions_from_a_capture_equal_solve_on_formed_gradients
         torch.testing.assert_close(
             engine.dot(cap, got), engine.dot(cap, want), rtol=1e-9, atol=1e-12
         )
+
+
+class Mixing(nn.Module):
+    """``fc`` sees inputs centred over the batch: not batch-first, found on a batch of B > 1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 3)
+        self.head = nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.fc(x - 0.5 * x.mean(0, keepdim=True))))
+
+
+def test_a_layer_failing_the_check_on_a_later_batch_restarts_the_pass():
+    model, task = Mixing().to(DT), Classification()
+    _, _, (x, y) = make("mlp")
+    batches = [(x[:1], y[:1]), (x[1:4], y[1:4]), (x[4:], y[4:])]  # the check on B > 1 comes 2nd
+    inv = EKFAC(sampled_labels=False).prepare(model, task, None, batches)
+    assert inv.coverage["fc.weight"].startswith("diagonal:example 0 alone")
+    grads = torch.cat([exact_grads(model, task, b) for b in batches])
+    sl = inv.layout.slices()["fc.weight"]
+    # over all N examples, the first batch included (the pass restarted after the demotion)
+    torch.testing.assert_close(
+        inv.diagonal["fc.weight"].flatten(), (grads[:, sl] ** 2).mean(0), rtol=1e-10, atol=1e-14
+    )
+    with pytest.raises(ConfigurationError, match="later batch"):
+        KFAC(sampled_labels=False).prepare(model, task, None, iter(batches))
