@@ -914,3 +914,21 @@ def test_a_layer_failing_the_check_on_a_later_batch_restarts_the_pass():
     )
     with pytest.raises(ConfigurationError, match="later batch"):
         KFAC(sampled_labels=False).prepare(model, task, None, iter(batches))
+
+
+def test_layers_with_a_too_large_factor_get_an_exact_diagonal_block(monkeypatch):
+    import traintrace.curvature.kfac as kfac
+
+    monkeypatch.setattr(kfac, "MAX_FACTOR_DIM", 6)  # the head's S would be [8 x 8]
+    model, task, full = make("lm")
+    inv = EKFAC(sampled_labels=False).prepare(model, task, None, _split(full))
+    assert inv.coverage["head.weight"].startswith("diagonal:a dense Kronecker factor")
+    assert inv.coverage["emb.weight"] == "kronecker:Embedding"  # A is a vector, S [4 x 4]
+    g = exact_grads(model, task, full)
+    sl = inv.layout.slices()
+    for name in ("head.weight", "head.bias"):
+        torch.testing.assert_close(
+            inv.diagonal[name].flatten(), (g[:, sl[name]] ** 2).mean(0), rtol=1e-10, atol=1e-14
+        )
+    with pytest.raises(ConfigurationError, match=r"head\.weight.*MAX_FACTOR_DIM"):
+        KFAC(sampled_labels=False, unsupported="raise").prepare(model, task, None, _split(full))

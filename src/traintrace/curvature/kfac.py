@@ -74,7 +74,9 @@ diagonal there in Frobenius norm.
 
 **Other parameters.** Parameters of selected modules that are not Linear/Conv2d/Embedding/Conv1D
 (LayerNorm, BatchNorm affine, raw ``nn.Parameter``\\ s), grouped convolutions, Embeddings with
-``max_norm``, and layers that fail the capture's verification (their weight is also used outside
+``max_norm``, layers with a dense factor larger than :data:`MAX_FACTOR_DIM` (16384; an untied
+``lm_head`` over a real vocabulary, or GPT-2's tied ``wte``/``lm_head``, whose ``A`` would be
+``[V, V]``), and layers that fail the capture's verification (their weight is also used outside
 their forward, e.g. through ``F.linear``; the layer is not batch-first) get a *diagonal* block
 ``(1/N) Σ_i g_i²`` from the capture's exact per-example gradients (its ``flat`` and ``formed``
 parts), or raise :class:`ConfigurationError` with ``unsupported="raise"``.
@@ -125,6 +127,10 @@ from traintrace.task import Task
 __all__ = ["EKFAC", "KFAC", "KroneckerBlock", "KroneckerInverse"]
 
 _CHUNK_ELEMENTS = 1 << 24  # cap on the per-example rotated-gradient buffer of the EK-FAC refit
+#: Largest side of a dense Kronecker factor (``d × d``, 2 GiB in float64 at 16384). A layer with a
+#: larger one (an untied ``lm_head``'s ``S`` or a tied embedding's ``A`` over a real vocabulary)
+#: gets a diagonal block instead, reported in ``coverage``.
+MAX_FACTOR_DIM = 16384
 
 
 # ----------------------------------------------------------------------------------------------
@@ -744,8 +750,20 @@ class _Fitter:
             )
         self._modules = dict(model.named_modules())
         self.dense_reasons = {n: self._dense_reason(n) for n in self.pg._dense_names}
-        if self.dense_reasons and config.unsupported == "raise":
-            self._refuse([f"{n} ({r})" for n, r in self.dense_reasons.items()])
+        self._by_key = {g.key: g for g in self.pg._groups}
+        self.too_large: dict[str, str] = {}
+        for g in self.pg._groups:
+            a_diag = all(r.type == "Embedding" and r.out_rows for r in g.roles)
+            side = max(g.rows, 0 if a_diag else g.cols)
+            if side > MAX_FACTOR_DIM:
+                self.too_large[g.key] = (
+                    f"a dense Kronecker factor would be [{side} x {side}] "
+                    f"(> MAX_FACTOR_DIM = {MAX_FACTOR_DIM})"
+                )
+        listed = [f"{n} ({r})" for n, r in self.dense_reasons.items()]
+        listed += [f"{n} ({r})" for k, r in self.too_large.items() for n in self._by_key[k].params]
+        if listed and config.unsupported == "raise":
+            self._refuse(listed)
 
     # -- which parameter takes which path --------------------------------------------------
     def _dense_reason(self, name: str) -> str:
@@ -834,10 +852,12 @@ class _Fitter:
                 self._check_finite(cap, offset, where)
                 if refit:
                     for key, terms in cap.terms.items():
-                        self._accumulate_lambda(self.stats[key], terms)
+                        if key in self.stats:
+                            self._accumulate_lambda(self.stats[key], terms)
                 else:
                     for key, terms in cap.terms.items():
-                        self._accumulate_factors(self.stats[key], terms, first=k == 0)
+                        if key in self.stats:
+                            self._accumulate_factors(self.stats[key], terms, first=k == 0)
                     self._accumulate_diag(cap)
             offset += size
         if not refit:
@@ -854,12 +874,16 @@ class _Fitter:
         demoted = [g for g in self.pg._groups if g.key not in hooked]
         if demoted and self.cfg.unsupported == "raise":
             self._refuse([f"{n} ({g.reason})" for g in demoted for n in g.params])
-        self.stats = {g.key: self._new_stats(g) for g in self.pg._groups if g.key in hooked}
+        self.stats = {
+            g.key: self._new_stats(g)
+            for g in self.pg._groups
+            if g.key in hooked and g.key not in self.too_large
+        }
 
     # -- checks ----------------------------------------------------------------------------
     def _check_finite(self, cap: Capture, offset: int, where: str) -> None:
         for key, terms in cap.terms.items():
-            layer = self.stats[key]
+            group = self._by_key[key]
             for what, idx in (("input activations", 1), ("output gradients", 0)):
                 for term in terms:
                     # canonical cols side = the layer's inputs when it owns the orientation
@@ -867,8 +891,8 @@ class _Fitter:
                     if _is_tokens(side) or _finite(side):
                         continue
                     raise NonFiniteGradientError(
-                        f"{self.method}: non-finite {what} of layer '{_display(layer.name)}' "
-                        f"({layer.group.type}) for examples {_bad_examples(side, offset)} "
+                        f"{self.method}: non-finite {what} of layer "
+                        f"'{_display(group.roles[0].module_name)}' ({group.type}) for examples {_bad_examples(side, offset)} "
                         f"({where}). Check those inputs for NaN/inf, the checkpoint for NaN "
                         "weights, and the loss for log(0) or overflow."
                     )
@@ -927,18 +951,31 @@ class _Fitter:
         acc.addmm_(x.T, x)
 
     def _accumulate_diag(self, cap: Capture) -> None:
-        named: dict[str, Tensor] = {}
+        """``Σ_i g_i²`` of every parameter on the diagonal path, from the capture."""
+        summed: dict[str, Tensor] = {}  # squared sums over the batch
         for group in self.pg._groups:
             if group.key in cap.formed:
-                named.update(from_canonical(group, cap.formed[group.key], self._shapes))
+                for n, g in from_canonical(group, cap.formed[group.key], self._shapes).items():
+                    summed[n] = g.to(self.dtype).square().sum(0)
         if cap.flat is not None:
             start = 0
             for n in self.pg._dense_names:
                 size = int(self._shapes[n].numel())
-                named[n] = cap.flat[:, start : start + size]
+                summed[n] = cap.flat[:, start : start + size].to(self.dtype).square().sum(0)
                 start += size
-        for n, g in named.items():
-            sq = g.to(self.dtype).square().sum(0).reshape(self._shapes[n])
+        for key, terms in cap.terms.items():
+            if key in self.stats:
+                continue
+            group = self._by_key[key]  # too large for Kronecker factors: Σ_i G_i² by chunks
+            total = torch.zeros(1, group.rows, group.cols, dtype=self.dtype, device=self.device)
+            chunk = max(1, _CHUNK_ELEMENTS // (group.rows * group.cols))
+            for begin in range(0, cap.size, chunk):
+                part = [(r[begin : begin + chunk], c[begin : begin + chunk]) for r, c in terms]
+                total[0] += (_form(part, group.rows, group.cols).to(self.dtype) ** 2).sum(0)
+            for n, sq in from_canonical(group, total, self._shapes).items():
+                summed[n] = sq[0]
+        for n, sq in summed.items():
+            sq = sq.reshape(self._shapes[n])
             prev = self.diag_sum.get(n)
             self.diag_sum[n] = sq if prev is None else prev + sq
 
@@ -1028,6 +1065,8 @@ class _Fitter:
             for n in group.params:
                 if group.key in self.stats:
                     coverage[n] = f"kronecker:{group.type}"
+                elif group.key in self.too_large and group.hooked:
+                    coverage[n] = f"diagonal:{self.too_large[group.key]}"
                 else:
                     coverage[n] = f"diagonal:{group.reason}"
         for n, why in self.dense_reasons.items():
