@@ -14,6 +14,7 @@ Where the expected values come from:
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -142,11 +143,11 @@ def block_coords(inv: KroneckerInverse, block: KroneckerBlock) -> torch.Tensor:
     def rng(name):
         return torch.arange(sl[name].start, sl[name].stop)
 
-    if block.kind == "Embedding":
-        vocab, dim = shape[block.weight]
-        return rng(block.weight).reshape(vocab, dim).T.flatten()
     cols = []
-    if block.weight is not None:
+    if block.weight is not None and block.transposed:  # Embedding [V, d], Conv1D [d_in, d_out]
+        first, second = shape[block.weight]
+        cols.append(rng(block.weight).reshape(first, second).T)
+    elif block.weight is not None:
         cols.append(rng(block.weight).reshape(shape[block.weight][0], -1))
     if block.bias is not None:
         cols.append(rng(block.bias).reshape(-1, 1))
@@ -362,7 +363,7 @@ def test_unsupported_parameters_get_an_exact_diagonal_block_or_raise():
         KFAC(sampled_labels=False, unsupported="raise").prepare(model, task, None, [(x, y)])
     lam = 0.01
     inv = EKFAC(damping=lam, sampled_labels=False).prepare(model, task, None, _split((x, y)))
-    assert inv.coverage["ln.weight"].startswith("diagonal:unsupported module LayerNorm")
+    assert inv.coverage["ln.weight"].startswith("diagonal:LayerNorm is not Linear")
     assert inv.coverage["ln.bias"].startswith("diagonal:")
     assert inv.coverage["fc1.weight"] == "kronecker:Linear"
     assert set(inv.coverage) == set(inv.layout.names)
@@ -409,11 +410,22 @@ def test_layers_used_outside_their_forward_are_not_silently_wrong():
     assert inv.coverage["fc.weight"].startswith("diagonal:") and not inv.blocks
     g = exact_grads(FunctionalUse().to(DT), task, (x, y))
     assert g.shape[1] == inv.layout.numel
-    with pytest.raises(ConfigurationError, match="rebuilt"):
-        KFAC(sampled_labels=False).prepare(DoubleUse().to(DT), task, None, [(x, y)])
+    # a weight also used outside its forward fails the shared hooks' check (Σ_i G_i against the
+    # batch gradient) and takes the exact diagonal path, reported in coverage (it used to raise)
+    model = DoubleUse().to(DT)
+    inv = KFAC(sampled_labels=False).prepare(model, task, None, _split((x, y)))
+    assert not inv.blocks
+    assert (
+        inv.coverage["fc.weight"].startswith("diagonal:")
+        and "autograd" in (inv.coverage["fc.weight"])
+    )
+    g = exact_grads(model, task, (x, y))
+    torch.testing.assert_close(inv.dense().diagonal(), (g**2).mean(0), rtol=1e-10, atol=1e-14)
+    with pytest.raises(ConfigurationError, match=r"fc\.weight.*layers="):
+        KFAC(sampled_labels=False, unsupported="raise").prepare(model, task, None, [(x, y)])
 
 
-def test_tied_weights_take_the_diagonal_path():
+def test_tied_embedding_and_linear_form_one_kronecker_block_in_canonical_orientation():
     class Tied(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -427,20 +439,11 @@ def test_tied_weights_take_the_diagonal_path():
     model = Tied().to(DT)
     tokens = torch.randint(0, 5, (N, 3), generator=torch.Generator().manual_seed(0))
     y = torch.randint(0, 5, (N,), generator=torch.Generator().manual_seed(1))
-    inv = KFAC(sampled_labels=False).prepare(model, Classification(), None, [(tokens, y)])
-    assert inv.coverage == {
-        "emb.weight": "diagonal:parameter shared with another module (tied weights)"
-    }
-    # one autograd call per example (GradientComputer cannot evaluate tied weights yet)
-    g = torch.stack(
-        [
-            torch.autograd.grad(
-                F.cross_entropy(model(tokens[i : i + 1]), y[i : i + 1]), [model.emb.weight]
-            )[0]
-            for i in range(N)
-        ]
-    )
-    torch.testing.assert_close(inv.diagonal["emb.weight"], (g**2).mean(0))
+    batches = _split((tokens, y))
+    inv = EKFAC(sampled_labels=False).prepare(model, Classification(), None, batches)
+    # one block on the canonical [d, V] matrix (Embedding first): it used to be diagonal
+    assert inv.coverage == {"emb.weight": "kronecker:Embedding+Linear"}
+    check_against_brute_force(model, Classification(), batches, inv)
 
 
 def test_configuration_is_validated():
@@ -561,3 +564,371 @@ def test_float32_models_give_float32_solves_close_to_float64():
     out = inv32.solve(v.float())
     assert out.dtype == torch.float32
     torch.testing.assert_close(out.double(), inv64.solve(v), rtol=1e-3, atol=1e-3)
+
+
+# ----------------------------------------------------------------------------------------------
+# any model: brute force from explicit per-example layer inputs / output gradients
+# ----------------------------------------------------------------------------------------------
+def _examples(batches):
+    for batch in batches:
+        n = len(next(iter(batch.values()))) if isinstance(batch, dict) else len(batch[0])
+        for i in range(n):
+            if isinstance(batch, dict):
+                yield {k: v[i : i + 1] for k, v in batch.items()}
+            else:
+                yield tuple(t[i : i + 1] for t in batch)
+
+
+def _users(model, param):
+    return [
+        (name, mod)
+        for name, mod in model.named_modules(remove_duplicate=False)
+        if any(p is param for p in mod._parameters.values())
+    ]
+
+
+def _is_hf_conv1d(mod) -> bool:
+    return type(mod).__name__ == "Conv1D"
+
+
+def brute_force(model, task, batches, inv):
+    """Per block ``(A, S, Λ_EKFAC in the block's basis)`` and per diagonal name ``mean g²``.
+
+    Example by example (batch of one, so nothing is broadcast), with plain forward hooks that keep
+    every call's input and output (``retain_grad``) and ``.grad`` of the parameters.
+    """
+    model.eval()
+    params = dict(model.named_parameters())
+    calls = []
+    handles = []
+    for _, mod in model.named_modules():
+        if not isinstance(mod, nn.Linear | nn.Embedding | nn.Conv2d) and not _is_hf_conv1d(mod):
+            continue
+
+        def hook(m, args, kwargs, out):
+            x = args[0] if args else next(iter(kwargs.values()))
+            if out.requires_grad:
+                out.retain_grad()
+            calls.append((m, x, out))
+
+        handles.append(mod.register_forward_hook(hook, with_kwargs=True))
+    stats = {b.module: [0.0, 0.0, 0, []] for b in inv.blocks}
+    sq = {n: 0.0 for n in inv.diagonal}
+    count = 0
+    try:
+        for ex in _examples(batches):
+            calls.clear()
+            model.zero_grad()
+            task.loss(task.forward(model, ex), ex).sum().backward()
+            count += 1
+            for n in sq:
+                sq[n] = sq[n] + params[n].grad ** 2
+            for b in inv.blocks:
+                weight = params[b.weight]
+                users = _users(model, weight)
+                owner_transposed = isinstance(users[0][1], nn.Embedding) or _is_hf_conv1d(
+                    users[0][1]
+                )
+                a = s = 0.0
+                m = 0
+                for _, mod in users:
+                    for cm, x, out in calls:
+                        if cm is not mod or out.grad is None:
+                            continue
+                        grad = out.grad.reshape(-1, out.shape[-1])
+                        if isinstance(mod, nn.Embedding):
+                            tok = x.reshape(-1)
+                            keep = tok != (-1 if mod.padding_idx is None else mod.padding_idx)
+                            inp = F.one_hot(tok[keep], mod.num_embeddings).to(DT)
+                            grad = grad[keep]
+                        else:
+                            inp = x.reshape(-1, x.shape[-1])
+                            if b.bias is not None and cm is users[0][1]:
+                                inp = _with_one(inp)
+                        mod_transposed = isinstance(mod, nn.Embedding) or _is_hf_conv1d(mod)
+                        rows, cols = (
+                            (grad, inp) if mod_transposed == owner_transposed else (inp, grad)
+                        )
+                        a = a + cols.T @ cols
+                        s = s + rows.T @ rows
+                        m += rows.shape[0]
+                st = stats[b.module]
+                st[0], st[1], st[2] = st[0] + a, st[1] + s, st[2] + m
+                g = weight.grad.T if b.transposed else weight.grad.reshape(weight.shape[0], -1)
+                if b.bias is not None:
+                    g = torch.cat([g, params[b.bias].grad.reshape(-1, 1)], dim=1)
+                q_a = b.Q_A if b.Q_A is not None else torch.eye(g.shape[1], dtype=DT)
+                st[3].append((b.Q_S.T @ g @ q_a) ** 2)
+    finally:
+        for h in handles:
+            h.remove()
+        model.zero_grad()
+    out = {}
+    for b in inv.blocks:
+        a, s, m, lam = stats[b.module]
+        out[b.module] = (a / count, s / m, torch.stack(lam).mean(0))
+    return out, {n: v / count for n, v in sq.items()}
+
+
+def check_against_brute_force(model, task, batches, inv, *, ekfac=True):
+    blocks, diag = brute_force(model, task, batches, inv)
+    for b in inv.blocks:
+        a, s, lam = blocks[b.module]
+        torch.testing.assert_close(
+            b.A if b.A.ndim == 2 else torch.diag(b.A), a, rtol=1e-9, atol=1e-12
+        )
+        torch.testing.assert_close(b.S, s, rtol=1e-9, atol=1e-12)
+        if ekfac:
+            torch.testing.assert_close(b.eigenvalues, lam, rtol=1e-8, atol=1e-12)
+    for n, d in diag.items():
+        torch.testing.assert_close(inv.diagonal[n], d, rtol=1e-9, atol=1e-14)
+
+
+transformers = pytest.importorskip("transformers")
+
+
+def tiny_gpt2():
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(
+        n_layer=1,
+        n_head=2,
+        n_embd=8,
+        vocab_size=20,
+        n_positions=16,
+        bos_token_id=0,
+        eos_token_id=0,
+        attn_implementation="eager",
+    )
+    return transformers.GPT2LMHeadModel(cfg).to(DT)
+
+
+def tiny_bert():
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(
+        vocab_size=20,
+        hidden_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=12,
+        max_position_embeddings=16,
+        num_labels=3,
+        pad_token_id=0,
+    )  # stock settings: SDPA attention, position_ids / token_type_ids buffers
+    return transformers.BertForSequenceClassification(cfg).to(DT)
+
+
+def token_batches(labels: bool):
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(1, 20, (5, 6), generator=g)
+    mask = torch.ones(5, 6, dtype=torch.long)
+    mask[1, 3:] = 0
+    ids[1, 3:] = 0  # padding tokens (BERT's padding_idx)
+    full = {"input_ids": ids, "attention_mask": mask}
+    if labels:
+        full["labels"] = torch.randint(0, 3, (5,), generator=g)
+    return _split(full, 3)
+
+
+@pytest.mark.parametrize("cls", [KFAC, EKFAC])
+def test_tiny_gpt2_conv1d_and_tied_lm_head_equal_brute_force(cls):
+    model, task = tiny_gpt2(), LanguageModeling()
+    batches = token_batches(labels=False)
+    inv = cls(sampled_labels=False).prepare(model, task, None, batches)
+    cov = inv.coverage
+    assert cov["transformer.h.0.attn.c_attn.weight"] == "kronecker:Conv1D"  # was diagonal
+    assert cov["transformer.h.0.attn.c_attn.bias"] == "kronecker:Conv1D"
+    assert cov["transformer.wte.weight"] == "kronecker:Embedding+Linear"  # tied with lm_head
+    assert cov["transformer.wpe.weight"] == "kronecker:Embedding"  # [1, T] position ids
+    assert cov["transformer.h.0.ln_1.weight"].startswith("diagonal:LayerNorm")
+    check_against_brute_force(model, task, batches, inv, ekfac=cls is EKFAC)
+    lam = 0.05  # Conv1D with bias and the tied block map to and from the flat layout
+    dense = dense_from_blocks(inv) + lam * torch.eye(inv.layout.numel, dtype=DT)
+    v = torch.randn(3, inv.layout.numel, dtype=DT, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(inv.solve(v, lam), torch.linalg.solve(dense, v.T).T)
+
+
+@pytest.mark.parametrize("cls", [KFAC, EKFAC])
+def test_stock_tiny_bert_with_padding_equals_brute_force(cls):
+    model, task = tiny_bert(), Classification()
+    batches = token_batches(labels=True)
+    inv = cls(sampled_labels=False).prepare(model, task, None, batches)
+    cov = inv.coverage
+    assert cov["bert.embeddings.position_embeddings.weight"] == "kronecker:Embedding"
+    assert cov["bert.embeddings.word_embeddings.weight"] == "kronecker:Embedding"
+    assert all(v.startswith("kronecker:") for k, v in cov.items() if "LayerNorm" not in k)
+    check_against_brute_force(model, task, batches, inv, ekfac=cls is EKFAC)
+    lam = 0.05
+    dense = dense_from_blocks(inv) + lam * torch.eye(inv.layout.numel, dtype=DT)
+    v = torch.randn(3, inv.layout.numel, dtype=DT, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(inv.solve(v, lam), torch.linalg.solve(dense, v.T).T)
+
+
+def test_true_fisher_capture_uses_the_same_sampled_labels_everywhere():
+    # sampled_labels=True through the shared capture: deterministic, brute force with the
+    # labels the sampler draws (Classification draws one multinomial row per example in order)
+    model, task = tiny_bert(), Classification()
+    batches = token_batches(labels=True)
+    inv = EKFAC(seed=7).prepare(model, task, None, batches)
+    again = EKFAC(seed=7).prepare(model, task, None, batches)
+    torch.testing.assert_close(
+        inv.blocks[0].eigenvalues, again.blocks[0].eigenvalues, rtol=0, atol=0
+    )
+    gen = torch.Generator().manual_seed(7)
+    relabeled = []
+    model.eval()
+    for batch in batches:
+        with torch.no_grad():
+            logits = task.forward(model, batch)
+            probs = torch.softmax(logits.float(), -1)
+            y = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+        relabeled.append({**batch, "labels": y})
+    check_against_brute_force(model, task, relabeled, inv)
+
+
+def test_influence_function_with_ekfac_runs_on_a_stock_bert():
+    import traintrace as tt
+
+    model = tiny_bert()
+    batches = token_batches(labels=True)
+    rows = [ex for ex in _examples(batches)]
+    data = [{k: v[0] for k, v in ex.items()} for ex in rows]
+    est = tt.InfluenceFunction(
+        model,
+        tt.Classification(),
+        tt.Checkpoint(model.state_dict()),
+        hessian=tt.EKFAC(sampled_labels=False),
+        damping=0.1,
+        batch_size=3,
+        progress=False,
+    ).fit(data)
+    scores = est.score(data[:2])
+    assert scores.shape == (2, 5) and bool(torch.isfinite(scores).all())
+    # the query gradients preconditioned by the fitted EK-FAC blocks: brute force
+    inv = tt.EKFAC(sampled_labels=False, damping=0.1).prepare(
+        model, tt.Classification(), None, batches
+    )
+    with warnings.catch_warnings():  # SDPA attention: vmap falls back to a loop (exact)
+        warnings.simplefilter("ignore", RuntimeWarning)
+        g = GradientComputer(model, tt.Classification()).per_example(
+            model.state_dict(), {k: torch.stack([d[k] for d in data]) for k in data[0]}
+        )
+    expected = inv.solve(g[:2]) @ g.T / len(data)  # (1/n) ∇f(z')ᵀ (F̂ + λI)⁻¹ ∇l(z)
+    torch.testing.assert_close(scores, expected, rtol=1e-7, atol=1e-10)
+    self_inf = est.self_influence()
+    assert self_inf.shape == (5,) and bool(torch.isfinite(self_inf).all())
+
+
+class ScaleNet(nn.Module):
+    """A Linear layer followed by a raw parameter (diagonal block from exact gradients)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 3)
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x) * self.scale
+
+
+def test_true_fisher_diagonal_blocks_use_the_same_sampled_labels():
+    model, task = ScaleNet().to(DT), Classification()
+    _, _, full = make("mlp")
+    batches = _split(full)
+    inv = EKFAC(seed=2).prepare(model, task, None, batches)
+    assert inv.coverage["scale"].startswith("diagonal:'scale' is a raw parameter")
+    gen = torch.Generator().manual_seed(2)
+    relabeled = []
+    for x, _ in batches:
+        with torch.no_grad():
+            probs = torch.softmax(model(x).float(), -1)
+        relabeled.append((x, torch.multinomial(probs, 1, generator=gen).squeeze(-1)))
+    check_against_brute_force(model, task, relabeled, inv)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "bert", "embedding", "conv", "sequence", "functional"])
+@pytest.mark.parametrize("cls", [KFAC, EKFAC])
+def test_quadratic_and_directions_from_a_capture_equal_solve_on_formed_gradients(kind, cls):
+    from traintrace.features.engine import ExactGradients
+
+    if kind == "gpt2":
+        model, task, batches = tiny_gpt2(), LanguageModeling(), token_batches(labels=False)
+    elif kind == "bert":
+        model, task, batches = tiny_bert(), Classification(), token_batches(labels=True)
+    elif kind == "functional":
+        model, task, full = DoubleUse().to(DT), Classification(), make("mlp")[2]
+        batches = _split(full)
+    else:
+        model, task, full = make(kind)
+        batches = _split(full)
+    inv = cls(damping=0.03, sampled_labels=False).prepare(model, task, None, batches)
+    engine = ExactGradients(model, task)
+    state = model.state_dict()
+    for batch in batches:
+        cap = engine.capture(state, batch)
+        flat = engine.flatten(cap)
+        solved = inv.solve(flat)
+        torch.testing.assert_close(
+            inv.quadratic(engine, cap), (solved * flat).sum(1), rtol=1e-9, atol=1e-12
+        )
+        torch.testing.assert_close(
+            inv.quadratic(engine, cap, damping=0.5, scale=-2.0),
+            -2.0 * (inv.solve(flat, 0.5) * flat).sum(1),
+            rtol=1e-9,
+            atol=1e-12,
+        )
+        got = inv.directions(engine, cap)
+        want = engine.directions_from_flat(solved)
+        for key, d in want.dense.items():
+            torch.testing.assert_close(got.dense[key], d, rtol=1e-9, atol=1e-12)
+        if want.flat is not None:
+            torch.testing.assert_close(got.flat, want.flat, rtol=1e-9, atol=1e-12)
+        # and the engine scores them as it scores the flat solve
+        torch.testing.assert_close(
+            engine.dot(cap, got), engine.dot(cap, want), rtol=1e-9, atol=1e-12
+        )
+
+
+class Mixing(nn.Module):
+    """``fc`` sees inputs centred over the batch: not batch-first, found on a batch of B > 1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 3)
+        self.head = nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.fc(x - 0.5 * x.mean(0, keepdim=True))))
+
+
+def test_a_layer_failing_the_check_on_a_later_batch_restarts_the_pass():
+    model, task = Mixing().to(DT), Classification()
+    _, _, (x, y) = make("mlp")
+    batches = [(x[:1], y[:1]), (x[1:4], y[1:4]), (x[4:], y[4:])]  # the check on B > 1 comes 2nd
+    inv = EKFAC(sampled_labels=False).prepare(model, task, None, batches)
+    assert inv.coverage["fc.weight"].startswith("diagonal:example 0 alone")
+    grads = torch.cat([exact_grads(model, task, b) for b in batches])
+    sl = inv.layout.slices()["fc.weight"]
+    # over all N examples, the first batch included (the pass restarted after the demotion)
+    torch.testing.assert_close(
+        inv.diagonal["fc.weight"].flatten(), (grads[:, sl] ** 2).mean(0), rtol=1e-10, atol=1e-14
+    )
+    with pytest.raises(ConfigurationError, match="later batch"):
+        KFAC(sampled_labels=False).prepare(model, task, None, iter(batches))
+
+
+def test_layers_with_a_too_large_factor_get_an_exact_diagonal_block(monkeypatch):
+    import traintrace.curvature.kfac as kfac
+
+    monkeypatch.setattr(kfac, "MAX_FACTOR_DIM", 6)  # the head's S would be [8 x 8]
+    model, task, full = make("lm")
+    inv = EKFAC(sampled_labels=False).prepare(model, task, None, _split(full))
+    assert inv.coverage["head.weight"].startswith("diagonal:a dense Kronecker factor")
+    assert inv.coverage["emb.weight"] == "kronecker:Embedding"  # A is a vector, S [4 x 4]
+    g = exact_grads(model, task, full)
+    sl = inv.layout.slices()
+    for name in ("head.weight", "head.bias"):
+        torch.testing.assert_close(
+            inv.diagonal[name].flatten(), (g[:, sl[name]] ** 2).mean(0), rtol=1e-10, atol=1e-14
+        )
+    with pytest.raises(ConfigurationError, match=r"head\.weight.*MAX_FACTOR_DIM"):
+        KFAC(sampled_labels=False, unsupported="raise").prepare(model, task, None, _split(full))

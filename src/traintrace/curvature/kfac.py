@@ -1,4 +1,4 @@
-"""K-FAC and EK-FAC: Kronecker-factored Fisher blocks for Linear, Conv2d and Embedding layers.
+"""K-FAC and EK-FAC: Kronecker-factored Fisher blocks for Linear, Conv2d, Embedding, Conv1D.
 
 References: Martens & Grosse, "Optimizing Neural Networks with Kronecker-factored Approximate
 Curvature" (ICML 2015); Grosse & Martens, "A Kronecker-factored approximate Fisher matrix for
@@ -14,35 +14,48 @@ Language Model Generalization with Influence Functions" (2023).
 with labels drawn from the model, ``sampled_labels=True``, which for cross-entropy and squared
 error equals the Gauss–Newton matrix in expectation). ``F`` is approximated block-diagonally,
 one block per layer, and each layer's block in Kronecker form. Write the gradient of one layer
-for one example as a matrix ``G_i = Σ_t b_t ãᵀ_t`` of shape ``[d_out, d_in]``: ``ã_t`` is the
-layer's input activation at position ``t`` with a constant 1 appended when the bias is selected
-(the bias is the last column), and ``b_t`` the gradient of ``l(z_i)`` with respect to the
-layer's pre-activation output at ``t``. Then
+for one example as its canonical matrix (:mod:`traintrace.features.layers`) ``G_i = Σ_t r_t cᵀ_t``
+of shape ``[d_out, d_in]``: for a layer that owns its orientation ``c_t = ã_t`` is the layer's
+input at position ``t`` with a constant 1 appended when the bias is selected (the bias is the last
+column), and ``r_t = b_t`` the gradient of ``l(z_i)`` with respect to the layer's output at
+``t``. Then
 
-    F_layer ≈ A ⊗ S,   A = (1/N) Σ_i Σ_t ã_t ãᵀ_t   [d_in, d_in],
-                       S = (1/M) Σ_i Σ_t b_t bᵀ_t   [d_out, d_out],
+    F_layer ≈ A ⊗ S,   A = (1/N) Σ_i Σ_t c_t cᵀ_t   [d_in, d_in],
+                       S = (1/M) Σ_i Σ_t r_t rᵀ_t   [d_out, d_out],
 
-where ``M = Σ_i T_i`` is the number of positions. Positions ("tokens") are
+where ``M = Σ_i T_i`` is the number of positions. The factors come from the *shared capture*
+(:meth:`ProjectedGradients.capture <traintrace.features.ProjectedGradients.capture>`, one hooked
+forward and one backward to the layer outputs per batch, the same machinery as the projections
+and the exact engine): ``A`` from the captured cols sides, ``S`` from the rows sides. Positions
+("tokens") are
 
-* ``nn.Linear``: every leading index between the batch dimension and the features, so a
-  ``[B, T, d]`` input is a sequence of ``T`` positions (weight sharing over tokens);
+* ``nn.Linear`` and Hugging Face ``Conv1D``: every leading index between the batch dimension and
+  the features, so a ``[B, T, d]`` input is a sequence of ``T`` positions (weight sharing over
+  tokens); ``Conv1D``'s ``[d_in, d_out]`` weight is transposed to the canonical ``[d_out, d_in]``;
 * ``nn.Conv2d``: every output location of the convolution; activations are the unfolded input
   patches (``F.unfold``, channel-major ``C·kh·kw``), matching the weight reshaped to
   ``[out, C·kh·kw]``;
-* ``nn.Embedding``: every token; the activation is the one-hot vector of the token, so ``A`` is
-  *diagonal* (token counts / N) and is stored as a vector — no vocabulary-squared matrix is
-  formed. Positions equal to ``padding_idx`` receive no gradient and are left out.
+* ``nn.Embedding`` (canonical matrix ``[d, V]``, the weight transposed): every token; the
+  activation is the one-hot vector of the token, so ``A`` is *diagonal* (token counts / N) and
+  is stored as a vector — no vocabulary-squared matrix is formed. Positions equal to
+  ``padding_idx`` receive no gradient and are left out of ``A``, ``S`` and ``M``.
 
 Summing ``A`` over positions and averaging ``S`` over them is KFC's convention (spatially
-uncorrelated derivatives): ``(Σ_t E[ã ãᵀ]) ⊗ (E_t[b bᵀ])``. With one position per example both
+uncorrelated derivatives): ``(Σ_t E[c cᵀ]) ⊗ (E_t[r rᵀ])``. With one position per example both
 are plain averages and ``A ⊗ S`` is exact for a single example. A module called several times
-in one forward pass contributes all its calls' positions to the same example. Padded positions
-of a Linear/Conv2d input (attention mask 0) count in ``M`` and in ``A`` although their output
-gradient is zero; that rescales K-FAC's ``Λ`` per layer, while EK-FAC's refit is unaffected.
-Every layer is assumed batch-first (the leading dimension of its input is the example); a
-sequence-first layer is refused when its leading size differs from the batch size, and would
-only be detected there (K-FAC's factors do not depend on how positions group into examples,
-EK-FAC's refit does).
+in one forward pass contributes all its calls' positions to the same example. **Tied weights**
+(GPT-2's ``lm_head.weight`` is ``transformer.wte.weight``) form one block on the canonical
+matrix of their first module (in ``named_modules`` order), to which every module's calls add
+their positions in that orientation: for ``wte`` (Embedding, ``[d, V]``) the rows side is its
+output gradient and the cols side its one-hot tokens; for ``lm_head`` (Linear, whose ``[V, d]``
+matrix is the transpose) the rows side is its *input* (hidden states) and the cols side its
+*output gradient* (logits). ``A`` ``[V, V]`` is then dense (memory ``V²``) and ``M`` counts the
+positions of all calls. Such a block is exact for one example with one position per call, and
+EK-FAC's refit makes its diagonal in the Kronecker eigenbasis exact. Inputs of shape ``[1, …]``
+broadcast over the batch (position ids of Hugging Face models) are expanded by the capture, so
+every example receives its own output gradient. Padded positions of a Linear/Conv input
+(attention mask 0) count in ``M`` and in ``A`` although their output gradient is zero; that
+rescales K-FAC's ``Λ`` per layer, while EK-FAC's refit is unaffected.
 
 **Inverse.** With eigendecompositions ``A = Q_A diag(λ_A) Q_Aᵀ`` and ``S = Q_S diag(λ_S) Q_Sᵀ``
 and damping ``λ``, a layer's part ``V`` (as a ``[d_out, d_in]`` matrix) of a flat vector maps to
@@ -53,25 +66,37 @@ with ``Λ = λ_S λ_Aᵀ`` for K-FAC (eigenvalues clamped at 0) and, for EK-FAC,
 
     Λ_jk = (1/N) Σ_i ((Q_Sᵀ G_i Q_A)_jk)²
 
-from exact per-example layer gradients (a second pass). EK-FAC's ``Λ`` is the diagonal of the
-exact blockwise Fisher in the Kronecker eigenbasis: the best diagonal there in Frobenius norm.
+from the rotated sides of a second capture pass, ``Q_Sᵀ r_t`` and ``Q_Aᵀ c_t`` (for one position
+per example the square of the outer product is the outer product of the squares; one-hot
+columns are summed per token; otherwise the rotated per-example matrices are formed in chunks).
+EK-FAC's ``Λ`` is the diagonal of the exact blockwise Fisher in the Kronecker eigenbasis: the best
+diagonal there in Frobenius norm.
 
-**Other parameters.** Parameters of selected modules that are not Linear/Conv2d/Embedding
-(LayerNorm, BatchNorm affine, raw ``nn.Parameter``\\ s), parameters tied between two different
-modules, grouped convolutions, and modules whose ``forward`` never runs (weights used through
-``F.linear``) get a *diagonal* block ``(1/N) Σ_i g_i²`` from exact per-example gradients (the
-same Fisher, diagonal approximation), or raise :class:`ConfigurationError` with
-``unsupported="raise"``. :attr:`KroneckerInverse.coverage` says which path each parameter took.
-Each batch also checks that ``Σ_i G_i`` rebuilt from the hooks equals the batch gradient that
-autograd gives for the layer's parameters; a mismatch (a weight also used outside its module)
-raises instead of returning a silently wrong block.
+**Other parameters.** Parameters of selected modules that are not Linear/Conv2d/Embedding/Conv1D
+(LayerNorm, BatchNorm affine, raw ``nn.Parameter``\\ s), grouped convolutions, Embeddings with
+``max_norm``, layers with a dense factor larger than :data:`MAX_FACTOR_DIM` (16384; an untied
+``lm_head`` over a real vocabulary, or GPT-2's tied ``wte``/``lm_head``, whose ``A`` would be
+``[V, V]``), and layers that fail the capture's verification (their weight is also used outside
+their forward, e.g. through ``F.linear``; the layer is not batch-first) get a *diagonal* block
+``(1/N) Σ_i g_i²`` from the capture's exact per-example gradients (its ``flat`` and ``formed``
+parts), or raise :class:`ConfigurationError` with ``unsupported="raise"``.
+:attr:`KroneckerInverse.coverage` says which path each parameter took. The capture verifies the
+hooks on the first batch (and the first with more than one example) against autograd, so no
+silently wrong block is returned.
+
+**True Fisher.** ``sampled_labels=True`` captures ``kind="sampled"``: the gradients of
+``task.sample_loss`` with labels drawn from the model by a generator seeded with ``seed`` (the
+same labels in EK-FAC's second pass). ``num_samples > 1`` captures each batch that many times.
 
 **Cost.** Memory per Kronecker layer ``d_in² + d_out²`` for the factors and their eigenvectors
 (times two) plus ``d_out·d_in`` eigenvalues, in ``dtype`` (float64 by default); an Embedding
-stores ``V + d²``. K-FAC takes one forward and ``num_samples`` backward passes over the data
-plus one ``eigh`` per factor (``O(d_in³ + d_out³)``); EK-FAC a second such pass. Diagonal blocks
-add one vmapped backward per batch. A ``solve`` costs ``O(n·(d_out² d_in + d_out d_in²))`` per
-layer for ``n`` vectors, so self-influence (one solve per training gradient) is affordable.
+stores ``V + d²``. K-FAC takes one hooked forward and backward (to the layer outputs; no weight
+gradient is formed) per batch and label sample, plus ``B·T·(d_in² + d_out²)`` per layer for the
+factors and one ``eigh`` per factor (``O(d_in³ + d_out³)``); EK-FAC a second pass with
+``B·T·(d_in² + d_out²)`` for the rotations and ``B·d_out·d_in`` for the squares (``B·T·d_out·d_in``
+when ``T > 1``). Diagonal blocks add the capture's exact gradients of those parameters. A
+``solve`` of ``n`` vectors costs ``2n(d_out² d_in + d_out d_in²)`` per layer as four GEMMs (no
+loop over vectors), so preconditioning many queries and self-influence are affordable.
 
 **Model state.** The model is evaluated functionally at the given state
 (``torch.func.functional_call``) in eval mode; forward hooks are added to the tracked modules
@@ -87,21 +112,25 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call
 from tqdm import tqdm
 
 from traintrace.data import batch_size_of, to_plain
 from traintrace.exceptions import ConfigurationError, NonFiniteGradientError
-from traintrace.features.gradients import TaskForward, eval_mode
-from traintrace.features.params import Layers, ParameterLayout, select_parameters
+from traintrace.features.engine import Directions, ExactGradients, _form
+from traintrace.features.hooks import Capture
+from traintrace.features.layers import _Group, canonical_matrix, from_canonical, layer_type
+from traintrace.features.params import Layers, ParameterLayout
+from traintrace.features.projections import ProjectedGradients
 from traintrace.task import Task
 
 __all__ = ["EKFAC", "KFAC", "KroneckerBlock", "KroneckerInverse"]
 
-Kind = Literal["Linear", "Conv2d", "Embedding"]
 _CHUNK_ELEMENTS = 1 << 24  # cap on the per-example rotated-gradient buffer of the EK-FAC refit
+#: Largest side of a dense Kronecker factor (``d × d``, 2 GiB in float64 at 16384). A layer with a
+#: larger one (an untied ``lm_head``'s ``S`` or a tied embedding's ``A`` over a real vocabulary)
+#: gets a diagonal block instead, reported in ``coverage``.
+MAX_FACTOR_DIM = 16384
 
 
 # ----------------------------------------------------------------------------------------------
@@ -124,7 +153,7 @@ class KFAC:
         num_samples: label samples per example for the true Fisher (averaged); must be 1 for
             the empirical Fisher.
         seed: seed of the label sampler (the same labels are drawn in EK-FAC's second pass).
-        unsupported: what to do with selected parameters outside Linear/Conv2d/Embedding
+        unsupported: what to do with selected parameters outside Linear/Conv2d/Embedding/Conv1D
             layers: ``"diagonal"`` — a diagonal Fisher block from exact per-example gradients
             (reported in ``coverage``); ``"raise"`` — :class:`ConfigurationError`.
         dtype: floating dtype of the factors, eigenvectors and eigenvalues.
@@ -196,7 +225,7 @@ class KFAC:
                 flat layout.
             progress: show a tqdm progress bar per pass.
         """
-        return _Preparer(self, model, task, state, batches, layers, progress).run()
+        return _Fitter(self, model, task, state, batches, layers, progress).run()
 
 
 @dataclass
@@ -216,26 +245,31 @@ class EKFAC(KFAC):
 # ----------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class KroneckerBlock:
-    """One layer's Kronecker factors and eigen-decomposition.
+    """One layer's (or one tied weight's) Kronecker factors and eigen-decomposition.
 
-    The layer's parameters are viewed as one ``[d_out, d_in]`` matrix: Linear/Conv2d weight
-    reshaped to ``[out, in·kh·kw]`` with the bias (if selected) as the last column; an
-    Embedding's ``[V, d]`` weight transposed to ``[d, V]``. In row-major vectorization of that
+    The parameters are viewed as one ``[d_out, d_in]`` matrix, the layer's canonical matrix
+    (:mod:`traintrace.features.layers`): Linear/Conv2d weight reshaped to ``[out, in·kh·kw]``
+    with the bias (if selected) as the last column; an Embedding's ``[V, d]`` weight and a
+    Hugging Face ``Conv1D``'s ``[d_in, d_out]`` weight transposed (``transposed=True``); a weight
+    tied between modules in its first module's orientation. In row-major vectorization of that
     matrix the block is ``S ⊗ A`` ≈ ``(Q_S ⊗ Q_A) diag(vec Λ) (Q_S ⊗ Q_A)ᵀ``.
 
     Attributes:
-        module: the module's name (``""`` for the root).
-        kind: ``"Linear"``, ``"Conv2d"`` or ``"Embedding"``.
+        module: the (first) module's name (``""`` for the root).
+        kind: ``"Linear"``, ``"Conv2d"``, ``"Embedding"``, ``"Conv1D"``, or the modules' types
+            joined by ``+`` for a tied weight (``"Embedding+Linear"``).
         weight, bias: the selected parameter names the block covers (``None`` when absent).
         A: ``[d_in, d_in]``, or for an Embedding the diagonal ``[V]``.
         S: ``[d_out, d_out]``.
         Q_A: ``[d_in, d_in]`` eigenvectors of ``A`` (``None`` = identity, Embedding).
         Q_S: ``[d_out, d_out]`` eigenvectors of ``S``.
         eigenvalues: ``Λ``, ``[d_out, d_in]`` (K-FAC: ``λ_S λ_Aᵀ``; EK-FAC: refitted).
+        transposed: the canonical matrix is the weight transposed (Embedding, Conv1D owners).
+        key: the capture's group key (the weight's name, or the bias's when alone).
     """
 
     module: str
-    kind: Kind
+    kind: str
     weight: str | None
     bias: str | None
     A: Tensor
@@ -243,10 +277,24 @@ class KroneckerBlock:
     Q_A: Tensor | None
     Q_S: Tensor
     eigenvalues: Tensor
+    transposed: bool = False
+    key: str = ""
 
     @property
     def params(self) -> tuple[str, ...]:
         return tuple(n for n in (self.weight, self.bias) if n is not None)
+
+
+def _left(q: Tensor, m: Tensor) -> Tensor:
+    """``q @ m_j`` for every ``m_j`` of ``m`` ``[n, o, i]`` as one GEMM."""
+    n, o, i = m.shape
+    return (q @ m.transpose(0, 1).reshape(o, n * i)).reshape(q.shape[0], n, i).transpose(0, 1)
+
+
+def _right(m: Tensor, q: Tensor) -> Tensor:
+    """``m_j @ q`` for every ``m_j`` of ``m`` ``[n, o, i]`` as one GEMM."""
+    n, o, i = m.shape
+    return (m.reshape(n * o, i) @ q).reshape(n, o, q.shape[1])
 
 
 class KroneckerInverse:
@@ -305,21 +353,20 @@ class KroneckerInverse:
         parts = []
         if block.weight is not None:
             w = v[:, self._slices[block.weight]]
-            if block.kind == "Embedding":
-                vocab, dim = self._shapes[block.weight]
-                parts.append(w.reshape(n, vocab, dim).transpose(1, 2))
+            if block.transposed:
+                first, second = self._shapes[block.weight]
+                parts.append(w.reshape(n, first, second).transpose(1, 2))
             else:
                 parts.append(w.reshape(n, self._shapes[block.weight][0], -1))
         if block.bias is not None:
             parts.append(v[:, self._slices[block.bias]].reshape(n, -1, 1))
-        return torch.cat(parts, dim=2)
+        return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
 
     def _from_matrix(self, block: KroneckerBlock, m: Tensor, out: Tensor) -> None:
         n = m.shape[0]
         if block.weight is not None:
-            w = m.transpose(1, 2) if block.kind == "Embedding" else m
-            if block.bias is not None:
-                w = w[:, :, :-1]
+            w = m[:, :, :-1] if block.bias is not None else m  # the bias is the last column
+            w = w.transpose(1, 2) if block.transposed else w
             out[:, self._slices[block.weight]] = w.reshape(n, -1).to(out.dtype)
         if block.bias is not None:
             out[:, self._slices[block.bias]] = m[:, :, -1].to(out.dtype)
@@ -344,15 +391,16 @@ class KroneckerInverse:
         # work in the vector's precision (at least float32): a float32 gradient is rotated by
         # float32 copies of the eigenbases, a float64 one by the float64 originals
         dtype = torch.promote_types(v.dtype, torch.float32)
+        # per layer, all n vectors at once: two GEMMs into the eigenbasis and two back
         for block, (q_s, q_a, lam) in zip(self.blocks, self._bases(dtype), strict=True):
             m = self._to_matrix(block, v2).to(dtype)
-            r = q_s.T @ m
+            r = _left(q_s.T, m)
             if q_a is not None:
-                r = r @ q_a
+                r = _right(r, q_a)
             r = fn(r, block.module or "<root>", lam)
-            m = q_s @ r
+            m = _left(q_s, r)
             if q_a is not None:
-                m = m @ q_a.T
+                m = _right(m, q_a.T)
             self._from_matrix(block, m, out)
         for name, diag in self.diagonal.items():
             sl = self._slices[name]
@@ -412,21 +460,178 @@ class KroneckerInverse:
         eye = torch.eye(self.layout.numel, dtype=dtype, device=device)
         return self.matvec(eye, damping).T.contiguous()
 
+    # -- on captured per-example gradients (no flat gradient formed) -------------------------
+    def _check_engine(self, engine: ExactGradients) -> None:
+        if tuple(engine.names) != tuple(self.layout.names):
+            raise ConfigurationError(
+                f"{self.method}: the capture covers parameters {list(engine.names)[:4]}..., the "
+                f"inverse {list(self.layout.names)[:4]}...; build both with the same layers="
+            )
+
+    def _per_group(
+        self, engine: ExactGradients, lam: float, dtype: torch.dtype
+    ) -> Iterator[tuple[_Group, KroneckerBlock | None, Any]]:
+        by_key = {
+            b.key: (b, basis) for b, basis in zip(self.blocks, self._bases(dtype), strict=True)
+        }
+        for g in engine._groups:
+            hit = by_key.get(g.key)
+            if hit is not None and hit[0].params != g.params:
+                hit = None
+            if hit is None:
+                if any(n not in self.diagonal for n in g.params):
+                    raise ConfigurationError(
+                        f"{self.method}: layer {g.key!r} is grouped differently in the capture "
+                        "and in the inverse; build both from the same model and layers="
+                    )
+                yield g, None, None
+                continue
+            block, (q_s, q_a, values) = hit
+            denom = values + self._block_damping(values, lam)
+            if not bool((denom > 0).all()):
+                raise ConfigurationError(
+                    f"{self.method} block {block.module or '<root>'!r} has zero curvature in some "
+                    f"directions and damping={lam} ({self.damping_scale}); use damping > 0"
+                )
+            yield g, block, (q_s, q_a, 1.0 / denom)
+
+    def _diag_inverse(self, name: str, lam: float, dtype: torch.dtype) -> Tensor:
+        diag = self.diagonal[name].reshape(-1).to(dtype)
+        denom = diag + self._block_damping(diag, lam)
+        if not bool((denom > 0).all()):
+            raise ConfigurationError(
+                f"{self.method} block {name!r} has zero curvature in some directions and "
+                f"damping={lam} ({self.damping_scale}); use damping > 0"
+            )
+        return 1.0 / denom
+
+    def quadratic(
+        self,
+        engine: ExactGradients,
+        cap: Capture,
+        damping: float | None = None,
+        *,
+        scale: float = 1.0,
+    ) -> Tensor:
+        """``g_iᵀ (F̂ + λI)⁻¹ g_i`` for every example of a capture, ``[B]`` (self-influence).
+
+        In each Kronecker block ``Σ_jk ((Q_Sᵀ G_i Q_A)_jk)² / (Λ_jk + λ)``, from the rotated
+        captured sides (``Q_Sᵀ r_t``, ``Q_Aᵀ c_t``): ``B·T·(d_out² + d_in²) + B·d_out·d_in``
+        multiply-adds per layer for one position (``T = 1``), against
+        ``2B·(d_out² d_in + d_out d_in²)`` for :meth:`solve` on the formed gradients. ``cap``
+        comes from ``engine.capture`` (an :class:`~traintrace.features.ExactGradients` over the
+        same parameters); diagonal blocks use its exact ``flat``/``formed`` parts. The result is
+        multiplied by ``scale``.
+        """
+        self._check_engine(engine)
+        lam = self.damping if damping is None else float(damping)
+        dtype = torch.promote_types(cap.values.dtype, torch.float32)
+        out = torch.zeros(cap.size, dtype=dtype, device=cap.values.device)
+        for g, block, basis in self._per_group(engine, lam, dtype):
+            if block is None:
+                named = from_canonical(g, engine._group_matrix(cap, g), engine._shapes)
+                for n, x in named.items():
+                    w = self._diag_inverse(n, lam, dtype)
+                    out += (x.to(dtype) ** 2 * w).sum(1)
+                continue
+            q_s, q_a, w = basis
+            if g.key in cap.formed:
+                m = (
+                    _right(_left(q_s.T, cap.formed[g.key].to(dtype)), q_a)
+                    if q_a is not None
+                    else (_left(q_s.T, cap.formed[g.key].to(dtype)))
+                )
+                out += (m**2 * w).sum((1, 2))
+                continue
+            terms = cap.terms.get(g.key)
+            if not terms:
+                continue
+            rot = _rotate_terms(terms, q_s, q_a)
+            if q_a is None and all(_is_tokens(c) for _, c in rot):
+                keys, sums = _token_sums(rot, g.cols, dtype)
+                val = (sums**2 * w[:, keys % g.cols].T).sum(1)
+                out.index_add_(0, keys // g.cols, val)
+                continue
+            rot = _densify_tokens(rot, g.cols)
+            if len(rot) == 1 and rot[0][0].shape[-1] == 1:
+                r, c = rot[0][0][:, :, 0], rot[0][1][:, :, 0]
+                out += ((r**2) @ w * c**2).sum(1)
+                continue
+            chunk = max(1, _CHUNK_ELEMENTS // (g.rows * g.cols))
+            for start in range(0, cap.size, chunk):
+                part = [(r[start : start + chunk], c[start : start + chunk]) for r, c in rot]
+                m = _form(part, g.rows, g.cols)
+                out[start : start + chunk] += (m**2 * w).sum((1, 2))
+        if cap.flat is not None:
+            for n, sl in engine._dense_slices.items():
+                w = self._diag_inverse(n, lam, dtype)
+                out += (cap.flat[:, sl].to(dtype) ** 2 * w).sum(1)
+        return out * scale
+
+    def directions(
+        self,
+        engine: ExactGradients,
+        cap: Capture,
+        damping: float | None = None,
+        *,
+        scale: float = 1.0,
+    ) -> Directions:
+        """``(F̂ + λI)⁻¹ q_j`` for the captured queries, as dense engine directions.
+
+        Each Kronecker block gives ``Q_S ((Q_Sᵀ G_j Q_A) ⊘ (Λ + λ)) Q_Aᵀ`` in the layer's
+        canonical shape ``[m, d_out, d_in]``: the rotation into the eigenbasis uses the captured
+        sides (``m·T·(d_out² + d_in²)`` plus ``m·T·d_out·d_in`` to form), the rotation back two
+        GEMMs (``m·(d_out² d_in + d_out d_in²)``); no flat gradient is formed. Equals
+        ``engine.directions_from_flat(scale * solve(engine.flatten(cap)))``.
+        """
+        self._check_engine(engine)
+        lam = self.damping if damping is None else float(damping)
+        dtype = torch.promote_types(cap.values.dtype, torch.float32)
+        dense: dict[str, Tensor] = {}
+        for g, block, basis in self._per_group(engine, lam, dtype):
+            if block is None:
+                named = from_canonical(g, engine._group_matrix(cap, g), engine._shapes)
+                named = {
+                    n: x.to(dtype) * self._diag_inverse(n, lam, dtype) for n, x in named.items()
+                }
+                dense[g.key] = canonical_matrix(g, named, engine._shapes)
+                continue
+            q_s, q_a, w = basis
+            if g.key in cap.formed:
+                m = _left(q_s.T, cap.formed[g.key].to(dtype))
+                if q_a is not None:
+                    m = _right(m, q_a)
+            elif cap.terms.get(g.key):
+                rot = _rotate_terms(cap.terms[g.key], q_s, q_a)  # tokens stay tokens (Q_A = I)
+                m = _form(rot, g.rows, g.cols)
+            else:
+                continue  # the layer did not run: a zero direction
+            m = _left(q_s, m * w)
+            dense[g.key] = _right(m, q_a.T) if q_a is not None else m
+        flat = None
+        if cap.flat is not None:
+            parts = [
+                cap.flat[:, sl].to(dtype) * self._diag_inverse(n, lam, dtype)
+                for n, sl in engine._dense_slices.items()
+            ]
+            flat = torch.cat(parts, dim=1)
+        ref = cap.values.dtype
+        return Directions(
+            cap.size,
+            dense={k: (v * scale).to(ref) for k, v in dense.items()},
+            flat=None if flat is None else (flat * scale).to(ref),
+        )
+
 
 # ----------------------------------------------------------------------------------------------
-# computing the factors
+# computing the factors from the shared capture
 # ----------------------------------------------------------------------------------------------
 @dataclass
-class _Spec:
-    """A tracked module and its running statistics."""
+class _Stats:
+    """Running statistics of one Kronecker group (a layer, or a weight tied between layers)."""
 
-    name: str
-    module: nn.Module
-    kind: Kind
-    weight: str | None
-    bias: str | None
-    d_in: int
-    d_out: int
+    group: _Group
+    a_diag: bool  # every cols side is one-hot tokens: A is diagonal, kept as a vector
     A_sum: Tensor
     S_sum: Tensor
     positions: float = 0.0
@@ -435,142 +640,13 @@ class _Spec:
     Q_A: Tensor | None = None
     Q_S: Tensor | None = None
 
-    def params(self) -> tuple[str, ...]:
-        return tuple(n for n in (self.weight, self.bias) if n is not None)
+    @property
+    def name(self) -> str:
+        return self.group.roles[0].module_name
 
 
 def _display(name: str) -> str:
     return name or "<root>"
-
-
-def _unsupported_reason(module: nn.Module, leaf: str) -> str | None:
-    """None when (module, leaf) can be Kronecker-factored, else why not."""
-    if leaf not in ("weight", "bias"):
-        return f"parameter {leaf!r} of {type(module).__name__} is not a layer weight or bias"
-    if isinstance(module, nn.Linear):
-        return None
-    if isinstance(module, nn.Conv2d):
-        if module.groups != 1:
-            return f"Conv2d with groups={module.groups} (only groups=1 is Kronecker-factored)"
-        return None
-    if isinstance(module, nn.Embedding):
-        if module.max_norm is not None:
-            return "Embedding with max_norm (renormalizes weights in forward)"
-        if module.scale_grad_by_freq:
-            return "Embedding with scale_grad_by_freq"
-        return None
-    return f"unsupported module {type(module).__name__}"
-
-
-class _Recorder:
-    """Forward hooks that keep each tracked module's activations and output-gradient hooks."""
-
-    def __init__(self, specs: list[_Spec], dtype: torch.dtype) -> None:
-        self.specs = specs
-        self.dtype = dtype
-        self.batch_size = 0
-        self.capture = True
-        self.acts: dict[str, list[Tensor]] = {}  # module name -> one entry per call
-        self.grads: dict[str, dict[int, Tensor]] = {}  # module name -> call -> output gradient
-        self.handles: list[Any] = []
-
-    def __enter__(self) -> _Recorder:
-        for spec in self.specs:
-            self.handles.append(
-                spec.module.register_forward_hook(self._hook(spec), with_kwargs=True)
-            )
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles.clear()
-
-    def reset(self, batch_size: int) -> None:
-        self.batch_size = batch_size
-        self.acts = {}
-        self.grads = {}
-
-    def _hook(self, spec: _Spec) -> Callable[..., None]:
-        def hook(
-            module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any
-        ) -> None:
-            x = args[0] if args else next(iter(kwargs.values()), None)
-            if not isinstance(x, Tensor) or not isinstance(out, Tensor):
-                raise ConfigurationError(
-                    f"K-FAC: layer '{_display(spec.name)}' ({spec.kind}) was called with "
-                    f"{type(x).__name__} and returned {type(out).__name__}; expected tensors"
-                )
-            calls = self.acts.setdefault(spec.name, [])
-            k = len(calls)
-            calls.append(self._activation(spec, module, x))
-            if out.requires_grad:
-                out.register_hook(self._grad_hook(spec.name, k))
-
-        return hook
-
-    def _grad_hook(self, name: str, k: int) -> Callable[[Tensor], None]:
-        def hook(g: Tensor) -> None:
-            if self.capture:
-                self.grads.setdefault(name, {})[k] = g.detach()
-
-        return hook
-
-    def _activation(self, spec: _Spec, module: nn.Module, x: Tensor) -> Tensor:
-        b = self.batch_size
-        if x.ndim < (1 if spec.kind == "Embedding" else 2) or x.shape[0] != b:
-            raise ConfigurationError(
-                f"K-FAC: layer '{_display(spec.name)}' ({spec.kind}) got an input of shape "
-                f"{tuple(x.shape)} whose leading dimension is not the batch ({b}); K-FAC assumes "
-                "batch-first layers. Restrict layers= to batch-first modules."
-            )
-        with torch.no_grad():
-            if spec.kind == "Embedding":
-                return x.reshape(b, -1)
-            if spec.kind == "Linear":
-                a = x.reshape(b, -1, x.shape[-1])
-            else:
-                if x.ndim != 4:
-                    raise ConfigurationError(
-                        f"K-FAC: Conv2d '{_display(spec.name)}' got input of shape "
-                        f"{tuple(x.shape)}; expected [batch, channels, height, width]"
-                    )
-                conv: nn.Conv2d = module  # type: ignore[assignment]
-                mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
-                padded = F.pad(x, conv._reversed_padding_repeated_twice, mode=mode)
-                a = F.unfold(
-                    padded, conv.kernel_size, dilation=conv.dilation, stride=conv.stride
-                ).transpose(1, 2)
-            parts = []
-            if spec.weight is not None:
-                parts.append(a.to(self.dtype))
-            if spec.bias is not None:
-                parts.append(torch.ones(b, a.shape[1], 1, dtype=self.dtype, device=a.device))
-            return torch.cat(parts, dim=-1)
-
-    def activations(self, spec: _Spec) -> Tensor | None:
-        """``ã`` as ``[B, positions, d_in]`` (token ids ``[B, positions]`` for an Embedding)."""
-        calls = self.acts.get(spec.name)
-        return None if not calls else torch.cat(calls, dim=1)
-
-    def output_grads(self, spec: _Spec) -> Tensor | None:
-        """``b`` as ``[B, positions, d_out]``; zeros for calls the loss did not reach."""
-        calls = self.acts.get(spec.name)
-        if not calls:
-            return None
-        got = self.grads.get(spec.name, {})
-        b, parts = self.batch_size, []
-        for k, a in enumerate(calls):
-            g = got.get(k)
-            if g is None:
-                parts.append(
-                    torch.zeros(b, a.shape[1], spec.d_out, dtype=self.dtype, device=a.device)
-                )
-            elif spec.kind == "Conv2d":
-                parts.append(g.reshape(b, spec.d_out, -1).transpose(1, 2).to(self.dtype))
-            else:
-                parts.append(g.reshape(b, -1, spec.d_out).to(self.dtype))
-        return torch.cat(parts, dim=1)
 
 
 def _bad_examples(x: Tensor, offset: int) -> list[int]:
@@ -578,7 +654,65 @@ def _bad_examples(x: Tensor, offset: int) -> list[int]:
     return [int(r) + offset for r in rows[:10]]
 
 
-class _Preparer:
+def _finite(x: Tensor) -> bool:
+    return bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all())
+
+
+def _is_tokens(side: Tensor) -> bool:
+    return side.ndim == 2
+
+
+def _rotate(side: Tensor, q: Tensor | None) -> Tensor:
+    """``Qᵀ x_t`` for every position, ``[B, d, T]`` (tokens: rows of ``Q``; padding 0)."""
+    if q is None:
+        return side
+    if _is_tokens(side):
+        rows = q[side.clamp(min=0)] * (side >= 0).unsqueeze(-1).to(q.dtype)  # [B, T, d]
+        return rows.transpose(1, 2)
+    b, d, t = side.shape  # one GEMM over all positions: [B·T, d] @ Q
+    flat = side.transpose(1, 2).reshape(b * t, d).to(q.dtype) @ q
+    return flat.reshape(b, t, q.shape[1]).transpose(1, 2)
+
+
+def _rotate_terms(
+    terms: list[tuple[Tensor, Tensor]], q_s: Tensor, q_a: Tensor | None
+) -> list[tuple[Tensor, Tensor]]:
+    """The captured terms of ``Q_Sᵀ G_i Q_A``: rotated rows and cols sides."""
+    return [(_rotate(r, q_s), _rotate(c, q_a)) for r, c in terms]
+
+
+def _token_sums(
+    rot: list[tuple[Tensor, Tensor]], cols: int, dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """One-hot columns: ``(keys, sums)`` with ``sums[k] = Σ r'_t`` over the positions of
+    example ``keys[k] // cols`` holding token ``keys[k] % cols`` (the nonzero columns of
+    ``Q_Sᵀ G_i``)."""
+    b = rot[0][0].shape[0]
+    keys, vals = [], []
+    for r, c in rot:
+        valid = c >= 0
+        example = torch.arange(b, device=c.device).unsqueeze(1).expand_as(c)
+        keys.append(example[valid] * cols + c[valid])
+        vals.append(r.transpose(1, 2)[valid])
+    uniq, inverse = torch.unique(torch.cat(keys), return_inverse=True)
+    rows = rot[0][0].shape[1]
+    sums = torch.zeros(uniq.shape[0], rows, dtype=dtype, device=uniq.device)
+    sums.index_add_(0, inverse, torch.cat(vals).to(dtype))
+    return uniq, sums
+
+
+def _densify_tokens(rot: list[tuple[Tensor, Tensor]], cols: int) -> list[tuple[Tensor, Tensor]]:
+    out = []
+    for r, c in rot:
+        if _is_tokens(c):
+            c = _rotate(c, torch.eye(cols, dtype=r.dtype, device=r.device))
+        out.append((r, c))
+    return out
+
+
+class _Fitter:
+    """One (K-FAC) or two (EK-FAC) passes of :meth:`ProjectedGradients.capture` over the data."""
+
     def __init__(
         self,
         config: KFAC,
@@ -596,8 +730,10 @@ class _Preparer:
         self.progress = progress
         self.method = config.method_name
         self.dtype = config.dtype
-        self.names = select_parameters(model, layers)
-        self.layout = ParameterLayout.of(model, self.names)
+        self.pg = ProjectedGradients(model, task, layers, capture=True)
+        self.names = list(self.pg.names)
+        self.layout = self.pg.layout
+        self._shapes = dict(zip(self.layout.names, self.layout.shapes, strict=True))
         if state is None:
             state = model.state_dict()
         missing = [n for n in self.names if n not in state]
@@ -612,109 +748,118 @@ class _Preparer:
                 f"{self.method} reads the batches twice; pass a DataLoader or a list, not a "
                 "one-shot iterator or generator"
             )
-        self.coverage: dict[str, str] = {}
-        self.specs: list[_Spec] = []
-        self.diag_names: list[str] = []
-        self._classify()
+        self._modules = dict(model.named_modules())
+        self.dense_reasons = {n: self._dense_reason(n) for n in self.pg._dense_names}
+        self._by_key = {g.key: g for g in self.pg._groups}
+        self.too_large: dict[str, str] = {}
+        for g in self.pg._groups:
+            a_diag = all(r.type == "Embedding" and r.out_rows for r in g.roles)
+            side = max(g.rows, 0 if a_diag else g.cols)
+            if side > MAX_FACTOR_DIM:
+                self.too_large[g.key] = (
+                    f"a dense Kronecker factor would be [{side} x {side}] "
+                    f"(> MAX_FACTOR_DIM = {MAX_FACTOR_DIM})"
+                )
+        listed = [f"{n} ({r})" for n, r in self.dense_reasons.items()]
+        listed += [f"{n} ({r})" for k, r in self.too_large.items() for n in self._by_key[k].params]
+        if listed and config.unsupported == "raise":
+            self._refuse(listed)
 
     # -- which parameter takes which path --------------------------------------------------
-    def _classify(self) -> None:
-        modules = dict(self.model.named_modules())
-        owners: dict[int, set[int]] = {}
-        for _, mod in self.model.named_modules(remove_duplicate=False):
-            for p in mod._parameters.values():
-                if p is not None:
-                    owners.setdefault(id(p), set()).add(id(mod))
-        params = dict(self.model.named_parameters())
-        by_module: dict[str, dict[str, str]] = {}
-        reasons: dict[str, str] = {}
-        for name in self.names:
-            owner, _, leaf = name.rpartition(".")
-            module = modules[owner]
-            reason = _unsupported_reason(module, leaf)
-            if reason is None and len(owners.get(id(params[name]), ())) > 1:
-                reason = "parameter shared with another module (tied weights)"
-            if reason is None:
-                by_module.setdefault(owner, {})[leaf] = name
-            else:
-                reasons[name] = reason
-        for owner, leaves in by_module.items():
-            module = modules[owner]
-            weight, bias = leaves.get("weight"), leaves.get("bias")
-            if isinstance(module, nn.Embedding):
-                kind: Kind = "Embedding"
-                d_in, d_out = module.num_embeddings, module.embedding_dim
-                a_sum = torch.zeros(d_in, dtype=self.dtype, device=self.device)
-            else:
-                kind = "Conv2d" if isinstance(module, nn.Conv2d) else "Linear"
-                w = params[f"{owner}.weight" if owner else "weight"]
-                d_out = w.shape[0]
-                d_in = (w[0].numel() if weight is not None else 0) + (bias is not None)
-                a_sum = torch.zeros(d_in, d_in, dtype=self.dtype, device=self.device)
-            s_sum = torch.zeros(d_out, d_out, dtype=self.dtype, device=self.device)
-            self.specs.append(_Spec(owner, module, kind, weight, bias, d_in, d_out, a_sum, s_sum))
-            for n in (weight, bias):
-                if n is not None:
-                    self.coverage[n] = f"kronecker:{kind}"
-        if reasons and self.cfg.unsupported == "raise":
-            listed = [f"{n} ({r})" for n, r in reasons.items()]
-            self._refuse(listed)
-        for name, reason in reasons.items():
-            self._to_diagonal([name], reason)
+    def _dense_reason(self, name: str) -> str:
+        why = self.pg._dense_reasons.get(name, "")
+        if why.startswith("per-example gradient from hooks"):
+            module = self._modules.get(name.rpartition(".")[0])
+            if module is not None:
+                return layer_type(module)[1]
+        return why or "not a Linear/Conv2d/Embedding/Conv1D parameter"
 
     def _refuse(self, listed: list[str]) -> None:
         raise ConfigurationError(
             f"{self.method} cannot Kronecker-factor {len(listed)} selected parameter(s): "
             f"{'; '.join(listed[:8])}{' ...' if len(listed) > 8 else ''}. Restrict layers= to "
-            "Linear, Conv2d and Embedding modules, or use unsupported='diagonal' for a diagonal "
-            "Fisher block on them."
+            "Linear, Conv2d, Embedding and Conv1D modules, or use unsupported='diagonal' for a "
+            "diagonal Fisher block on them."
         )
 
-    def _to_diagonal(self, names: list[str], reason: str) -> None:
-        if self.cfg.unsupported == "raise":
-            self._refuse([f"{n} ({reason})" for n in names])
-        for n in names:
-            self.coverage[n] = f"diagonal:{reason}"
-            self.diag_names.append(n)
+    def _hooked(self) -> list[_Group]:
+        return [g for g in self.pg._groups if g.hooked]
+
+    def _new_stats(self, group: _Group) -> _Stats:
+        # a side is one-hot tokens for an Embedding's input: cols when it owns the orientation
+        a_diag = all(r.type == "Embedding" and r.out_rows for r in group.roles)
+        dt, dev = self.dtype, self.device
+        a_sum = (
+            torch.zeros(group.cols, dtype=dt, device=dev)
+            if a_diag
+            else torch.zeros(group.cols, group.cols, dtype=dt, device=dev)
+        )
+        s_sum = torch.zeros(group.rows, group.rows, dtype=dt, device=dev)
+        return _Stats(group, a_diag, a_sum, s_sum)
 
     # -- the passes ------------------------------------------------------------------------
     def run(self) -> KroneckerInverse:
-        wrapper = TaskForward(self.model, self.task)
-        param_keys = [k for k, _ in self.model.named_parameters()]
-        buffer_keys = [k for k, _ in self.model.named_buffers()]
-        # fresh leaves for the selected parameters: gradients land on them, not on the model
-        self.leaves = {n: self.state[n].detach().requires_grad_(True) for n in self.names}
-        values: dict[str, Tensor] = {}
-        for k in param_keys + buffer_keys:
-            if k in self.leaves:
-                values["model." + k] = self.leaves[k]
-            elif k in self.state:
-                values["model." + k] = self.state[k].detach()
-        self._values, self._wrapper = values, wrapper
-        self.diag_sum: dict[str, Tensor] = {}
-        self.num_examples = 0
-        with eval_mode(self.model):
-            self._pass(refit=False)
-            if self.num_examples == 0:
-                raise ConfigurationError(f"{self.method}: the batches held no examples")
-            self._eigen()
-            if self.cfg.refit_eigenvalues:
-                self._pass(refit=True)
+        for attempt in range(2):
+            self.stats: dict[str, _Stats] = {}
+            self.diag_sum: dict[str, Tensor] = {}
+            self.num_examples = 0
+            if self._pass(refit=False):
+                break
+            if attempt == 1 or isinstance(self.batches, Iterator):
+                raise ConfigurationError(
+                    f"{self.method}: a layer failed the hooks' check on a later batch (the first "
+                    "with more than one example); pass a DataLoader or a list (read again from "
+                    "the start), or put several examples in the first batch"
+                )
+        if self.num_examples == 0:
+            raise ConfigurationError(f"{self.method}: the batches held no examples")
+        self._eigen()
+        if self.cfg.refit_eigenvalues and not self._pass(refit=True):
+            raise ConfigurationError(
+                f"{self.method}: the layers the hooks serve changed between the two passes; "
+                "the batches must be the same on every iteration"
+            )
         return self._result()
 
-    def _pass(self, refit: bool) -> None:
+    def _pass(self, refit: bool) -> bool:
+        """One pass; False when the set of hooked layers changed after the first batch."""
         gen = torch.Generator(device=self.device)
         gen.manual_seed(self.cfg.seed)
+        kind = "sampled" if self.cfg.sampled_labels else "loss"
         desc = f"{self.method} {'eigenvalues' if refit else 'factors'}"
         offset = 0
-        first = True
-        with _Recorder(self.specs, self.dtype) as rec:
-            for raw in tqdm(self.batches, desc=desc, disable=not self.progress):
-                batch = to_plain(raw, self.device)
-                size = batch_size_of(batch)
-                self._batch(rec, batch, size, offset, gen, refit, first and not refit)
-                first = False
-                offset += size
+        hooked: frozenset[str] | None = None
+        for raw in tqdm(self.batches, desc=desc, disable=not self.progress):
+            batch = to_plain(raw, self.device)
+            size = batch_size_of(batch)
+            where = f"examples {offset}..{offset + size - 1}"
+            for k in range(self.cfg.num_samples):
+                cap = self.pg.capture(
+                    self.state,
+                    batch,
+                    kind,  # type: ignore[arg-type]
+                    offset=offset,
+                    where=where,
+                    generator=gen if kind == "sampled" else None,
+                )
+                now = frozenset(g.key for g in self._hooked())
+                if hooked is None:
+                    hooked = now
+                    if not refit:
+                        self._start(now)
+                elif now != hooked:
+                    return False
+                self._check_finite(cap, offset, where)
+                if refit:
+                    for key, terms in cap.terms.items():
+                        if key in self.stats:
+                            self._accumulate_lambda(self.stats[key], terms)
+                else:
+                    for key, terms in cap.terms.items():
+                        if key in self.stats:
+                            self._accumulate_factors(self.stats[key], terms, first=k == 0)
+                    self._accumulate_diag(cap)
+            offset += size
         if not refit:
             self.num_examples = offset
         elif offset != self.num_examples:
@@ -722,273 +867,221 @@ class _Preparer:
                 f"{self.method}: the second pass saw {offset} examples, the first "
                 f"{self.num_examples}; the batches must be the same on every iteration"
             )
+        return True
 
-    def _batch(
-        self,
-        rec: _Recorder,
-        batch: Any,
-        size: int,
-        offset: int,
-        gen: torch.Generator,
-        refit: bool,
-        first: bool,
-    ) -> None:
-        rec.reset(size)
-        where = f"examples {offset}..{offset + size - 1}"
-        outputs = functional_call(self._wrapper, self._values, (batch,))
-        if first:
-            self._drop_unfired(rec)
-        acts = {spec.name: rec.activations(spec) for spec in self.specs}
-        for spec in self.specs:
-            a = acts[spec.name]
-            if a is None:
-                continue
-            if spec.kind != "Embedding" and not bool(torch.isfinite(a).all()):
-                self._nonfinite(spec, "input activations", a, offset, where)
-            if not refit:
-                self._accumulate_a(spec, a)
-        leaves = list(self.leaves.values())
-        diag_leaves = [self.leaves[n] for n in self.diag_names]
-        for _ in range(self.cfg.num_samples):
-            if self.cfg.sampled_labels:
-                losses = self.task.sample_loss(outputs, batch, gen)
-            else:
-                losses = self.task.loss(outputs, batch)
-            if losses.ndim != 1 or losses.shape[0] != size:
-                raise ConfigurationError(
-                    f"the task's loss returned shape {tuple(losses.shape)}, expected one value "
-                    f"per example ([{size}])"
-                )
-            if not bool(torch.isfinite(losses).all()):
+    def _start(self, hooked: frozenset[str]) -> None:
+        """After the first capture (which verified the hooks): the Kronecker groups are known."""
+        demoted = [g for g in self.pg._groups if g.key not in hooked]
+        if demoted and self.cfg.unsupported == "raise":
+            self._refuse([f"{n} ({g.reason})" for g in demoted for n in g.params])
+        self.stats = {
+            g.key: self._new_stats(g)
+            for g in self.pg._groups
+            if g.key in hooked and g.key not in self.too_large
+        }
+
+    # -- checks ----------------------------------------------------------------------------
+    def _check_finite(self, cap: Capture, offset: int, where: str) -> None:
+        for key, terms in cap.terms.items():
+            group = self._by_key[key]
+            for what, idx in (("input activations", 1), ("output gradients", 0)):
+                for term in terms:
+                    # canonical cols side = the layer's inputs when it owns the orientation
+                    side = term[idx]
+                    if _is_tokens(side) or _finite(side):
+                        continue
+                    raise NonFiniteGradientError(
+                        f"{self.method}: non-finite {what} of layer "
+                        f"'{_display(group.roles[0].module_name)}' ({group.type}) for examples {_bad_examples(side, offset)} "
+                        f"({where}). Check those inputs for NaN/inf, the checkpoint for NaN "
+                        "weights, and the loss for log(0) or overflow."
+                    )
+        parts = dict(cap.formed)
+        if cap.flat is not None:
+            parts["the parameters outside Kronecker layers"] = cap.flat
+        for what, g in parts.items():
+            if not _finite(g):
                 raise NonFiniteGradientError(
-                    f"{self.method}: non-finite loss for examples {_bad_examples(losses, offset)}; "
-                    "check those inputs and labels for NaN/inf and the checkpoint for NaN weights"
-                )
-            rec.capture = True
-            rec.grads = {}
-            grads = torch.autograd.grad(losses.sum(), leaves, allow_unused=True, retain_graph=True)
-            grad_of = dict(zip(self.names, grads, strict=True))
-            for spec in self.specs:
-                a, b = acts[spec.name], rec.output_grads(spec)
-                if a is None or b is None:
-                    continue
-                if not bool(torch.isfinite(b).all()):
-                    self._nonfinite(spec, "output gradients", b, offset, where)
-                if refit:
-                    self._accumulate_lambda(spec, a, b)
-                else:
-                    self._accumulate_s(spec, a, b)
-                    self._check_sum(spec, a, b, grad_of, where)
-            if diag_leaves and not refit:
-                rec.capture = False
-                self._accumulate_diag(losses, diag_leaves, offset, where)
-                rec.capture = True
-
-    def _drop_unfired(self, rec: _Recorder) -> None:
-        """Layers whose forward did not run on the first batch go to the diagonal path."""
-        unfired = [spec for spec in self.specs if not rec.acts.get(spec.name)]
-        for spec in unfired:
-            self._to_diagonal(
-                list(spec.params()),
-                f"{spec.kind} '{_display(spec.name)}' was not called through its forward on the "
-                "first batch (its weights are used functionally, or the layer is skipped)",
-            )
-        if unfired:
-            self.specs = [s for s in self.specs if rec.acts.get(s.name)]
-            self.diag_names.sort(key=self.names.index)
-
-    # -- accumulation ----------------------------------------------------------------------
-    def _nonfinite(self, spec: _Spec, what: str, x: Tensor, offset: int, where: str) -> None:
-        raise NonFiniteGradientError(
-            f"{self.method}: non-finite {what} of layer '{_display(spec.name)}' ({spec.kind}) "
-            f"for examples {_bad_examples(x, offset)} ({where}). Check those inputs for NaN/inf, "
-            "the checkpoint for NaN weights, and the loss for log(0) or overflow."
-        )
-
-    def _accumulate_a(self, spec: _Spec, a: Tensor) -> None:
-        if spec.kind == "Embedding":
-            tokens = a
-            if tokens.is_floating_point() or tokens.is_complex():
-                raise ConfigurationError(
-                    f"Embedding '{_display(spec.name)}' got {tokens.dtype} input; expected ids"
-                )
-            mask = self._mask(spec, tokens)
-            spec.A_sum += torch.bincount(tokens[mask], minlength=spec.d_in).to(self.dtype)
-            spec.positions += float(mask.sum())
-            return
-        flat = a.reshape(-1, spec.d_in)
-        spec.A_sum += flat.T @ flat
-        spec.positions += float(flat.shape[0])
-
-    @staticmethod
-    def _mask(spec: _Spec, tokens: Tensor) -> Tensor:
-        pad = getattr(spec.module, "padding_idx", None)
-        if pad is None:
-            return torch.ones_like(tokens, dtype=torch.bool)
-        return tokens != pad
-
-    def _accumulate_s(self, spec: _Spec, a: Tensor, b: Tensor) -> None:
-        flat = b[self._mask(spec, a)] if spec.kind == "Embedding" else b.reshape(-1, spec.d_out)
-        spec.S_sum += flat.T @ flat
-
-    def _check_sum(
-        self, spec: _Spec, a: Tensor, b: Tensor, grad_of: dict[str, Tensor | None], where: str
-    ) -> None:
-        """Σ_i G_i from the hooks must equal autograd's batch gradient of the layer."""
-        if spec.kind == "Embedding":
-            mask = self._mask(spec, a)
-            tok, bm = a[mask], b[mask]
-            rebuilt = torch.zeros(spec.d_out, spec.d_in, dtype=self.dtype, device=b.device)
-            rebuilt.index_add_(1, tok, bm.T)
-            scale = torch.zeros_like(rebuilt).index_add_(1, tok, bm.abs().T)
-        else:
-            af, bf = a.reshape(-1, spec.d_in), b.reshape(-1, spec.d_out)
-            rebuilt = bf.T @ af
-            scale = bf.abs().T @ af.abs()
-        parts = []
-        if spec.weight is not None:
-            g = grad_of[spec.weight]
-            g = torch.zeros(self._shape(spec.weight), device=self.device) if g is None else g
-            g = g.to_dense() if g.is_sparse else g
-            g = g.T if spec.kind == "Embedding" else g.reshape(spec.d_out, -1)
-            parts.append(g.to(self.dtype))
-        if spec.bias is not None:
-            g = grad_of[spec.bias]
-            g = torch.zeros(spec.d_out, device=self.device) if g is None else g
-            parts.append(g.reshape(spec.d_out, 1).to(self.dtype))
-        actual = torch.cat(parts, dim=1)
-        eps = torch.finfo(self.leaves[spec.params()[0]].dtype).eps
-        tol = max(1e-3, 64 * eps)
-        err = float((rebuilt - actual).abs().max())
-        if err > tol * (float(scale.max()) + 1e-30):
-            raise ConfigurationError(
-                f"{self.method}: the gradient of layer '{_display(spec.name)}' ({spec.kind}) "
-                f"rebuilt from its inputs and output gradients differs from autograd's by {err:.3g} "
-                f"({where}): its parameters are also used outside its forward (tied or "
-                "functional use), or the layer is not batch-first. Leave it out with layers=, or "
-                "use the exact/CG solvers."
-            )
-
-    def _shape(self, name: str) -> torch.Size:
-        return self.layout.shapes[self.names.index(name)]
-
-    def _accumulate_lambda(self, spec: _Spec, a: Tensor, b: Tensor) -> None:
-        """EK-FAC: Λ_sum += Σ_i (Q_Sᵀ G_i Q_A)², G_i = Σ_t b_t ãᵀ_t, without forming G_i in full."""
-        assert spec.Q_S is not None and spec.lam_sum is not None
-        b_rot = b @ spec.Q_S
-        if spec.kind == "Embedding":
-            mask = self._mask(spec, a)
-            vocab = spec.d_in
-            example = torch.arange(a.shape[0], device=a.device).unsqueeze(1).expand_as(a)
-            keys = example[mask] * vocab + a[mask]
-            uniq, inverse = torch.unique(keys, return_inverse=True)
-            sums = torch.zeros(uniq.shape[0], spec.d_out, dtype=self.dtype, device=b.device)
-            sums.index_add_(0, inverse, b_rot[mask])
-            spec.lam_sum.index_add_(1, uniq % vocab, (sums**2).T)
-            return
-        assert spec.Q_A is not None
-        a_rot = a @ spec.Q_A
-        if a.shape[1] == 1:
-            spec.lam_sum += (b_rot[:, 0] ** 2).T @ (a_rot[:, 0] ** 2)
-            return
-        chunk = max(1, _CHUNK_ELEMENTS // (spec.d_in * spec.d_out))
-        for start in range(0, a.shape[0], chunk):
-            g = torch.einsum(
-                "bto,bti->boi", b_rot[start : start + chunk], a_rot[start : start + chunk]
-            )
-            spec.lam_sum += (g**2).sum(dim=0)
-
-    def _accumulate_diag(
-        self, losses: Tensor, leaves: list[Tensor], offset: int, where: str
-    ) -> None:
-        size = losses.shape[0]
-        eye = torch.eye(size, dtype=losses.dtype, device=losses.device)
-        try:
-            per = torch.autograd.grad(
-                losses,
-                leaves,
-                grad_outputs=eye,
-                is_grads_batched=True,
-                retain_graph=True,
-                allow_unused=True,
-            )
-        except RuntimeError:
-            rows = [
-                torch.autograd.grad(losses[i], leaves, retain_graph=True, allow_unused=True)
-                for i in range(size)
-            ]
-            per = tuple(
-                None if rows[0][j] is None else torch.stack([r[j] for r in rows])
-                for j in range(len(leaves))
-            )
-        for name, g in zip(self.diag_names, per, strict=True):
-            if g is None:
-                g = torch.zeros(size, *self._shape(name), device=losses.device)
-            if not bool(torch.isfinite(g).all()):
-                raise NonFiniteGradientError(
-                    f"{self.method}: non-finite per-example gradient of {name!r} (diagonal block) "
+                    f"{self.method}: non-finite per-example gradient of {what} (diagonal block) "
                     f"for examples {_bad_examples(g, offset)} ({where}). Check those inputs for "
                     "NaN/inf and the checkpoint for NaN weights."
                 )
-            sq = (g.to(self.dtype) ** 2).sum(dim=0)
-            self.diag_sum[name] = self.diag_sum.get(name, 0) + sq
+        if not _finite(cap.values):
+            raise NonFiniteGradientError(
+                f"{self.method}: non-finite loss for examples {_bad_examples(cap.values, offset)} "
+                f"({where}); check those inputs and labels for NaN/inf and the checkpoint for "
+                "NaN weights"
+            )
+
+    # -- accumulation ----------------------------------------------------------------------
+    def _accumulate_factors(
+        self, st: _Stats, terms: list[tuple[Tensor, Tensor]], first: bool
+    ) -> None:
+        """A += Σ c cᵀ, S += Σ r rᵀ (every label sample), M += positions (first sample only).
+
+        Both sums are averaged over the ``num_samples`` label samples: the activation side of a
+        layer is the same for every sample, but a tied weight's cols side may be an output
+        gradient (GPT-2's ``lm_head`` logits), which is not.
+        """
+        for r, c in terms:
+            valid = None
+            if _is_tokens(c):
+                valid = c >= 0
+            elif _is_tokens(r):
+                valid = r >= 0
+            self._add_gram(st.A_sum, c, valid, diagonal=st.a_diag)
+            if first:
+                st.positions += (
+                    float(valid.sum()) if valid is not None else r.shape[0] * r.shape[-1]
+                )
+            self._add_gram(st.S_sum, r, valid, diagonal=False)
+
+    def _add_gram(self, acc: Tensor, side: Tensor, valid: Tensor | None, diagonal: bool) -> None:
+        """``acc += Σ_{i,t} x_t x_tᵀ`` over valid positions (tokens: counts on the diagonal)."""
+        if _is_tokens(side):
+            counts = torch.bincount(side[side >= 0], minlength=acc.shape[0]).to(acc.dtype)
+            if diagonal:
+                acc += counts
+            else:
+                acc.diagonal().add_(counts)
+            return
+        x = side.transpose(1, 2)  # [B, T, d]
+        x = x[valid] if valid is not None else x.reshape(-1, side.shape[1])
+        x = x.to(self.dtype)
+        acc.addmm_(x.T, x)
+
+    def _accumulate_diag(self, cap: Capture) -> None:
+        """``Σ_i g_i²`` of every parameter on the diagonal path, from the capture."""
+        summed: dict[str, Tensor] = {}  # squared sums over the batch
+        for group in self.pg._groups:
+            if group.key in cap.formed:
+                for n, g in from_canonical(group, cap.formed[group.key], self._shapes).items():
+                    summed[n] = g.to(self.dtype).square().sum(0)
+        if cap.flat is not None:
+            start = 0
+            for n in self.pg._dense_names:
+                size = int(self._shapes[n].numel())
+                summed[n] = cap.flat[:, start : start + size].to(self.dtype).square().sum(0)
+                start += size
+        for key, terms in cap.terms.items():
+            if key in self.stats:
+                continue
+            group = self._by_key[key]  # too large for Kronecker factors: Σ_i G_i² by chunks
+            total = torch.zeros(1, group.rows, group.cols, dtype=self.dtype, device=self.device)
+            chunk = max(1, _CHUNK_ELEMENTS // (group.rows * group.cols))
+            for begin in range(0, cap.size, chunk):
+                part = [(r[begin : begin + chunk], c[begin : begin + chunk]) for r, c in terms]
+                total[0] += (_form(part, group.rows, group.cols).to(self.dtype) ** 2).sum(0)
+            for n, sq in from_canonical(group, total, self._shapes).items():
+                summed[n] = sq[0]
+        for n, sq in summed.items():
+            sq = sq.reshape(self._shapes[n])
+            prev = self.diag_sum.get(n)
+            self.diag_sum[n] = sq if prev is None else prev + sq
+
+    def _accumulate_lambda(self, st: _Stats, terms: list[tuple[Tensor, Tensor]]) -> None:
+        """EK-FAC: Λ_sum += Σ_i (Q_Sᵀ G_i Q_A)², G_i = Σ_terms Σ_t r_t c_tᵀ, from rotated sides."""
+        assert st.Q_S is not None and st.lam_sum is not None
+        rot = _rotate_terms(terms, st.Q_S, st.Q_A)
+        rows, cols = st.group.rows, st.group.cols
+        if st.Q_A is None and all(_is_tokens(c) for _, c in rot):
+            # one-hot columns: entry (j, v) of example i sums r'_t over its positions with token v
+            uniq, sums = _token_sums(rot, cols, self.dtype)
+            st.lam_sum.index_add_(1, uniq % cols, (sums**2).T)
+            return
+        rot = _densify_tokens(rot, cols)
+        if len(rot) == 1 and rot[0][0].shape[-1] == 1:  # one position: (r')² (c')²ᵀ
+            r, c = rot[0]
+            st.lam_sum.addmm_((r[:, :, 0] ** 2).T, c[:, :, 0] ** 2)
+            return
+        b = rot[0][0].shape[0]
+        chunk = max(1, _CHUNK_ELEMENTS // (rows * cols))
+        for start in range(0, b, chunk):
+            m = _form(
+                [(r[start : start + chunk], c[start : start + chunk]) for r, c in rot], rows, cols
+            )
+            st.lam_sum += (m**2).sum(dim=0)
 
     # -- eigendecomposition and result -----------------------------------------------------
-    def _factors(self, spec: _Spec) -> tuple[Tensor, Tensor]:
-        n, k = self.num_examples, self.cfg.num_samples
-        a = spec.A_sum / n
-        s = spec.S_sum / (spec.positions * k) if spec.positions else spec.S_sum.clone()
+    def _factors(self, st: _Stats) -> tuple[Tensor, Tensor]:
+        k = self.cfg.num_samples
+        a = st.A_sum / (self.num_examples * k)
+        s = st.S_sum / (st.positions * k) if st.positions else st.S_sum.clone()
         return a, s
 
     def _eigen(self) -> None:
-        for spec in self.specs:
-            a, s = self._factors(spec)
+        for st in self.stats.values():
+            a, s = self._factors(st)
             for what, m in (("A (activations)", a), ("S (output gradients)", s)):
                 if not bool(torch.isfinite(m).all()):
                     raise NonFiniteGradientError(
-                        f"{self.method}: factor {what} of layer '{_display(spec.name)}' is not "
+                        f"{self.method}: factor {what} of layer '{_display(st.name)}' is not "
                         "finite (overflow); train or evaluate in a wider dtype"
                     )
             lam_s, q_s = torch.linalg.eigh((s + s.T) / 2)
-            spec.Q_S = q_s.contiguous()
-            if spec.kind == "Embedding":
-                lam_a, spec.Q_A = a, None
+            st.Q_S = q_s.contiguous()
+            if st.a_diag:
+                lam_a, st.Q_A = a, None
             else:
                 lam_a, q_a = torch.linalg.eigh((a + a.T) / 2)
-                spec.Q_A = q_a.contiguous()
-            spec.kfac_lambda = torch.outer(lam_s.clamp_min(0), lam_a.clamp_min(0))
+                st.Q_A = q_a.contiguous()
+            st.kfac_lambda = torch.outer(lam_s.clamp_min(0), lam_a.clamp_min(0))
             if self.cfg.refit_eigenvalues:
-                spec.lam_sum = torch.zeros(spec.d_out, spec.d_in, dtype=self.dtype, device=a.device)
+                st.lam_sum = torch.zeros(
+                    st.group.rows, st.group.cols, dtype=self.dtype, device=a.device
+                )
 
     def _result(self) -> KroneckerInverse:
         blocks = []
         order = {n: i for i, n in enumerate(self.names)}
-        for spec in sorted(self.specs, key=lambda s: order[s.params()[0]]):
-            a, s = self._factors(spec)
+        denom = self.num_examples * self.cfg.num_samples
+        for st in sorted(self.stats.values(), key=lambda s: order[s.group.params[0]]):
+            a, s = self._factors(st)
             if self.cfg.refit_eigenvalues:
-                assert spec.lam_sum is not None
-                lam = spec.lam_sum / (self.num_examples * self.cfg.num_samples)
+                assert st.lam_sum is not None
+                lam = st.lam_sum / denom
             else:
-                lam = spec.kfac_lambda
-            assert spec.Q_S is not None and lam is not None
+                lam = st.kfac_lambda
+            assert st.Q_S is not None and lam is not None
+            g = st.group
             blocks.append(
                 KroneckerBlock(
-                    spec.name, spec.kind, spec.weight, spec.bias, a, s, spec.Q_A, spec.Q_S, lam
+                    st.name,
+                    g.type,
+                    g.weight,
+                    g.bias,
+                    a,
+                    s,
+                    st.Q_A,
+                    st.Q_S,
+                    lam,
+                    g.transposed,
+                    g.key,
                 )
             )
-        denom = self.num_examples * self.cfg.num_samples
-        diagonal = {}
-        for name in self.diag_names:
-            total = self.diag_sum.get(name)
-            if not isinstance(total, Tensor):
-                total = torch.zeros(self._shape(name), dtype=self.dtype, device=self.device)
-            diagonal[name] = total / denom
-        coverage = {n: self.coverage[n] for n in self.names}
+        coverage: dict[str, str] = {}
+        diagonal: dict[str, Tensor] = {}
+        for group in self.pg._groups:
+            for n in group.params:
+                if group.key in self.stats:
+                    coverage[n] = f"kronecker:{group.type}"
+                elif group.key in self.too_large and group.hooked:
+                    coverage[n] = f"diagonal:{self.too_large[group.key]}"
+                else:
+                    coverage[n] = f"diagonal:{group.reason}"
+        for n, why in self.dense_reasons.items():
+            coverage[n] = f"diagonal:{why}"
+        for n in self.names:
+            if coverage[n].startswith("diagonal:"):
+                total = self.diag_sum.get(n)
+                if total is None:
+                    total = torch.zeros(self._shapes[n], dtype=self.dtype, device=self.device)
+                diagonal[n] = total / denom
         return KroneckerInverse(
             self.layout,
             blocks,
             diagonal,
-            coverage,
+            {n: coverage[n] for n in self.names},
             damping=self.cfg.damping,
             damping_scale=self.cfg.damping_scale,
             num_examples=self.num_examples,

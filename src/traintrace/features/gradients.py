@@ -17,13 +17,13 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from traintrace.data import batch_size_of, in_dims_of, map_tensors
-from traintrace.exceptions import NonFiniteGradientError, TraintraceError
+from traintrace.exceptions import ConfigurationError, NonFiniteGradientError, TraintraceError
 from traintrace.features.params import Layers, ParameterLayout, select_parameters, tied_aliases
 from traintrace.task import Task
 
 __all__ = ["GradientComputer", "TaskForward", "eval_mode", "forward_at"]
 
-Kind = Literal["loss", "measurement"]
+Kind = Literal["loss", "measurement", "sampled"]
 
 
 @contextlib.contextmanager
@@ -54,7 +54,13 @@ class _TaskModule(nn.Module):
         self.model = model
         self.task = task
 
-    def forward(self, batch: Any, kind: Kind, offset: int = 0) -> Tensor:
+    def forward(
+        self,
+        batch: Any,
+        kind: Kind,
+        generator: torch.Generator | None = None,
+        offset: int = 0,
+    ) -> Tensor:
         out = self.task.forward(self.model, batch)
         if isinstance(out, Tensor) and not _under_vmap(out):
             # labels against the output size, once per plain (hooked) forward: not under vmap;
@@ -64,6 +70,8 @@ class _TaskModule(nn.Module):
             check_batch(self.task, out.detach(), batch, offset)
         if kind == "loss":
             return self.task.loss(out, batch)
+        if kind == "sampled":  # labels drawn from the model (true Fisher); consumes `generator`
+            return self.task.sample_loss(out, batch, generator)
         return self.task.oriented_measurement(out, batch)
 
 
@@ -136,22 +144,33 @@ class GradientComputer:
         return selected, fixed
 
     def function_of_params(
-        self, state: Mapping[str, Tensor], batch: Any, kind: Kind = "loss", offset: int = 0
+        self,
+        state: Mapping[str, Tensor],
+        batch: Any,
+        kind: Kind = "loss",
+        offset: int = 0,
+        *,
+        generator: torch.Generator | None = None,
     ) -> Callable[[Mapping[str, Tensor]], Tensor]:
         """``params -> per-example values [batch]`` at ``state`` with the selected params swapped.
 
         ``params`` maps the selected names (:attr:`names`) to tensors; everything else comes from
         ``state``. Differentiable with ``torch.func`` or autograd; runs the model in eval mode.
         Used by the curvature layer for Hessian-vector products.
+
+        ``kind="sampled"``: ``task.sample_loss`` with labels drawn from the model's predictive
+        distribution using ``generator`` (true Fisher). Every call consumes ``generator``: pass a
+        fresh copy per evaluation to get the same labels twice.
         """
         _, fixed = self._split_state(state)
+        kwargs = _kind_kwargs(kind, generator)
+        if offset:
+            kwargs["offset"] = offset  # label errors name data-set indices
 
         def fn(params: Mapping[str, Tensor]) -> Tensor:
             prefixed = {"model." + k: v for k, v in params.items()}
             with eval_mode(self.model):
-                return functional_call(
-                    self._wrapper, (prefixed, fixed), (batch,), {"kind": kind, "offset": offset}
-                )
+                return functional_call(self._wrapper, (prefixed, fixed), (batch,), kwargs)
 
         return fn
 
@@ -185,12 +204,20 @@ class GradientComputer:
         """The selected parameters of ``state`` (detached), keyed by name."""
         return self._split_state(state)[0]
 
-    def values(self, state: Mapping[str, Tensor], batch: Any, kind: Kind = "loss") -> Tensor:
+    def values(
+        self,
+        state: Mapping[str, Tensor],
+        batch: Any,
+        kind: Kind = "loss",
+        *,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
         """Per-example losses (or oriented measurements) at ``state``, without gradients."""
         _, fixed = self._split_state(state)
         params = {"model." + n: state[n].detach() for n in self.names}
+        kwargs = _kind_kwargs(kind, generator)
         with eval_mode(self.model), torch.no_grad():
-            return functional_call(self._wrapper, (params, fixed), (batch,), {"kind": kind})
+            return functional_call(self._wrapper, (params, fixed), (batch,), kwargs)
 
     def per_example(
         self,
@@ -201,11 +228,16 @@ class GradientComputer:
         offset: int = 0,
         where: str = "",
         out: Tensor | None = None,
+        generator: torch.Generator | None = None,
     ) -> Tensor:
         """Flat per-example gradients ``[batch, P]`` of ``kind`` at ``state``.
 
         ``out``, when given (``[batch, P]``, e.g. a slice of a preallocated feature matrix),
         receives the gradients directly, saving one copy of the batch's gradients.
+        ``kind="sampled"`` (labels drawn with ``generator`` for the whole batch at once, so they
+        equal those of a batched forward with the same generator state) differentiates one
+        batched forward per example with autograd (``is_grads_batched``) instead of ``vmap``:
+        valid when examples do not interact (eval mode).
 
         Raises:
             NonFiniteGradientError: naming the examples (``offset`` + position) and parameters.
@@ -222,7 +254,9 @@ class GradientComputer:
 
         with eval_mode(self.model):
             grads = None
-            if self._use_vmap:
+            if kind == "sampled":
+                grads = self._per_example_autograd(state, batch, kind, generator)
+            elif self._use_vmap:
                 try:
                     grads = vmap(grad(one), in_dims=(None, dims))(selected, batch)
                 except TraintraceError:
@@ -257,6 +291,44 @@ class GradientComputer:
         del grads
         check_finite(flat, self.layout, offset=offset, where=where)
         return flat
+
+    def _per_example_autograd(
+        self, state: Mapping[str, Tensor], batch: Any, kind: Kind, generator: Any
+    ) -> dict[str, Tensor]:
+        """Per-example gradients from one batched forward (rows of the Jacobian of the values)."""
+        leaves = {n: state[n].detach().requires_grad_(True) for n in self.names}
+        with torch.enable_grad():
+            values = self.function_of_params(state, batch, kind, generator=generator)(leaves)
+            size = values.shape[0]
+            eye = torch.eye(size, dtype=values.dtype, device=values.device)
+            inputs = list(leaves.values())
+            try:
+                per = torch.autograd.grad(
+                    values, inputs, eye, is_grads_batched=True, retain_graph=True, allow_unused=True
+                )
+            except RuntimeError:
+                rows = [
+                    torch.autograd.grad(values[i], inputs, retain_graph=True, allow_unused=True)
+                    for i in range(size)
+                ]
+                per = tuple(
+                    torch.stack(
+                        [torch.zeros_like(inputs[j]) if r[j] is None else r[j] for r in rows]
+                    )
+                    for j in range(len(inputs))
+                )
+        return {
+            n: torch.zeros(size, *leaves[n].shape, dtype=leaves[n].dtype, device=values.device)
+            if g is None
+            else g.detach()
+            for n, g in zip(self.names, per, strict=True)
+        }
+
+
+def _kind_kwargs(kind: Kind, generator: torch.Generator | None) -> dict[str, Any]:
+    if kind not in ("loss", "measurement", "sampled"):
+        raise ConfigurationError(f"kind must be 'loss', 'measurement' or 'sampled', got {kind!r}")
+    return {"kind": kind} if generator is None else {"kind": kind, "generator": generator}
 
 
 def _hf_attention_hint(model: nn.Module) -> str:

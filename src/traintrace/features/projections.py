@@ -131,7 +131,7 @@ from traintrace.task import Task
 
 __all__ = ["BLOCK_ROWS", "ProjectedGradients", "Projection"]
 
-Kind = Literal["loss", "measurement"]
+Kind = Literal["loss", "measurement", "sampled"]
 ProjectionKind = Literal["kronecker", "gaussian", "rademacher", "sjlt"]
 
 #: Rows (of the parameter dimension ``P``) per seeded block of a dense or sparse ``R``.
@@ -415,6 +415,8 @@ class ProjectedGradients:
         self.coverage: dict[str, str] = {}
         self.columns: dict[str, slice] = {}
         self._capture = capture
+        self._sampler_state: tuple[Tensor, torch.device] | None = None  # kind="sampled" only
+        self._last_sampler: torch.Generator | None = None
         proj = self.projection
         if capture:
             if proj is not None:
@@ -789,6 +791,7 @@ class ProjectedGradients:
         *,
         offset: int = 0,
         where: str = "",
+        generator: torch.Generator | None = None,
     ) -> Capture:
         """The raw per-layer factors of a batch's per-example gradients (``capture=True`` only).
 
@@ -796,9 +799,49 @@ class ProjectedGradients:
         and the dense group's parameters get exact ``vmap`` gradients. The hooked paths are
         verified (on the first batch and the first batch with more than one example) on at most
         three examples, so the check never forms more than three per-example gradients.
+
+        ``kind="sampled"`` differentiates ``task.sample_loss`` (labels drawn from the model with
+        ``generator``, the true Fisher's gradients). Every evaluation inside the capture draws
+        from a copy of ``generator`` in the same state, so the hooked pass, its verification and
+        the exact parameters see the same labels (the verification's sub-batches see those of
+        their leading examples when the task draws row by row, as the built-in tasks do);
+        ``generator`` is then advanced as by one draw for the batch. Parameters outside the hooked
+        layers get their per-example gradients from batched autograd instead of ``vmap``.
         """
         if not self._capture:
             raise ConfigurationError("capture() needs ProjectedGradients(..., capture=True)")
+        self._last_sampler = None
+        if kind == "sampled":
+            if not isinstance(generator, torch.Generator):
+                raise ConfigurationError(
+                    "capture(kind='sampled') draws labels from the model: pass generator= a "
+                    f"torch.Generator, got {type(generator).__name__}"
+                )
+            self._sampler_state = (generator.get_state(), generator.device)
+        else:
+            self._sampler_state = None
+        try:
+            cap = self._capture_batch(state, batch, kind, offset, where)
+        finally:
+            state_used, self._sampler_state = self._sampler_state, None
+        if state_used is not None and self._last_sampler is not None:
+            assert generator is not None
+            generator.set_state(self._last_sampler.get_state())
+        return cap
+
+    def _sampler(self) -> torch.Generator | None:
+        """A fresh copy of the capture's label generator (``kind="sampled"``), else None."""
+        if self._sampler_state is None:
+            return None
+        gen_state, device = self._sampler_state
+        gen = torch.Generator(device=device)
+        gen.set_state(gen_state)
+        self._last_sampler = gen
+        return gen
+
+    def _capture_batch(
+        self, state: Mapping[str, Tensor], batch: Any, kind: Kind, offset: int, where: str
+    ) -> Capture:
         batch = to_plain(batch)
         size = batch_size_of(batch)
         ref = state[self.names[0]]
@@ -817,11 +860,13 @@ class ProjectedGradients:
         values = run.values
         if exact_names:
             computer = self._exact_computer(exact_names)
-            flat = computer.per_example(state, batch, kind, offset=offset, where=where)
+            flat = computer.per_example(
+                state, batch, kind, offset=offset, where=where, generator=self._sampler()
+            )
             for n, sl in computer.layout.slices().items():
                 named[n] = flat[:, sl]
         if values is None:  # nothing hooked: the values of a plain forward
-            values = self._all.values(state, batch, kind).detach()
+            values = self._all.values(state, batch, kind, generator=self._sampler()).detach()
         formed = {
             g.key: canonical_matrix(g, named, self._shapes) for g in self._groups if not g.hooked
         }
@@ -893,7 +938,7 @@ class ProjectedGradients:
             n: state[n].detach().requires_grad_(True) if n in hooked else state[n].detach()
             for n in self.names
         }
-        fn = self._all.function_of_params(state, batch, kind, offset)
+        fn = self._all.function_of_params(state, batch, kind, offset, generator=self._sampler())
         with torch.enable_grad():
             try:
                 with run.installed():
@@ -941,7 +986,9 @@ class ProjectedGradients:
         leaves = {n: state[n].detach().clone().requires_grad_(True) for n in names}
         params = {n: leaves.get(n, state[n].detach()) for n in self.names}
         with torch.enable_grad():
-            values = self._all.function_of_params(state, batch, kind)(params)
+            values = self._all.function_of_params(state, batch, kind, generator=self._sampler())(
+                params
+            )
             grads = torch.autograd.grad(values.sum(), list(leaves.values()), allow_unused=True)
         batch_grad = {
             n: (torch.zeros_like(leaves[n]) if g is None else g).reshape(1, -1)

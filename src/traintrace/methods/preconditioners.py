@@ -79,7 +79,9 @@ class InverseCurvature:
     """``P = scale · (C + λI)⁻¹`` through any inverse operator with ``solve(v [m, P])``.
 
     The query gradients of a block are formed once (``m × P``), solved, and contracted densely
-    per layer. Self-influence forms the training gradients ``~2^26 / P`` examples at a time. A low-rank inverse (Arnoldi, ``U diag(1/λ) Uᵀ``) computes self-influence from the
+    per layer. Self-influence forms the training gradients ``~2^26 / P`` examples at a time.
+    K-FAC/EK-FAC inverses work layer by layer from the captured factors instead (their
+    ``directions`` / ``quadratic``: rotated sides in the Kronecker eigenbasis). A low-rank inverse (Arnoldi, ``U diag(1/λ) Uᵀ``) computes self-influence from the
     ``r`` coordinates ``Uᵀ g`` through the engine (``r`` contractions per example, no per-example
     gradient); other inverses form each training batch's gradients and solve.
     """
@@ -96,12 +98,21 @@ class InverseCurvature:
     def _low_rank(self) -> bool:
         return hasattr(self.inverse, "eigenvectors") and hasattr(self.inverse, "project")
 
+    def _layered(self) -> bool:
+        """K-FAC/EK-FAC: precondition and take quadratic forms layer by layer, in the
+        Kronecker eigenbasis, from the captured factors (no flat gradient formed)."""
+        return hasattr(self.inverse, "directions") and hasattr(self.inverse, "quadratic")
+
     def directions(self, engine: ExactGradients, cap: Capture) -> Directions:
+        if self._layered():
+            return self.inverse.directions(engine, cap, scale=self.scale)
         q = engine.flatten(cap)
         solved = self.inverse.solve(q).to(q.dtype) * self.scale
         return engine.directions_from_flat(solved)
 
     def quadratic(self, engine: ExactGradients, cap: Capture) -> Tensor:
+        if self._layered():
+            return self.inverse.quadratic(engine, cap, scale=self.scale)
         if self._low_rank():
             if self._basis is None:
                 u = self.inverse.eigenvectors
