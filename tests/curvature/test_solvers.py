@@ -16,6 +16,7 @@ Tolerances (float64):
 from __future__ import annotations
 
 import re
+import warnings
 
 import pytest
 import torch
@@ -35,6 +36,7 @@ from traintrace.curvature.solvers import (
 )
 from traintrace.exceptions import (
     ConfigurationError,
+    ConvergenceWarning,
     NotPositiveDefiniteError,
     SolverDivergedError,
 )
@@ -422,3 +424,13 @@ def test_batch_eigenvalue_range_is_the_extreme_over_batches() -> None:
     assert LiSSA(stochastic=True, scale_iterations=op.dim).prepare(op).scale == pytest.approx(
         1.1 * max(highs), rel=1e-8
     )
+
+
+def test_lissa_warns_when_its_depth_cannot_reach_the_tolerance() -> None:
+    # diag(1, 1000): s = 1.1 · 1000, so (s/λ_min)·ln(1/0.05) ≈ 3296 steps are needed
+    op = MatrixOperator(torch.diag(torch.tensor([1.0, 1000.0], dtype=torch.float64)))
+    with pytest.warns(ConvergenceWarning, match=r"depth=100\) will stop before converging"):
+        LiSSA(depth=100, scale_iterations=2).prepare(op)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        LiSSA(depth=4000, scale_iterations=2).prepare(op)

@@ -473,7 +473,33 @@ class LiSSA(Solver):
                     _not_pd_message("LiSSA scale estimate", operator.damping, lam_min, lam_max)
                 )
             scale = 1.1 * lam_max
+            _warn_lissa_depth(self, scale, lam_min, lam_max)
         return LiSSAInverse(operator, self, float(scale))
+
+
+def _warn_lissa_depth(config: LiSSA, scale: float, lam_min: float, lam_max: float) -> None:
+    """Warn when ``depth`` is far below the ``(s/λ_min)·ln(1/tol)`` steps LiSSA needs.
+
+    The LDS benchmark (``benchmarks/lds_peers.py``, digits MLP, 9.6k parameters, damping 0.038)
+    measured LISSA_MEASUREMENT; CG reaches ``tol`` in about ``√κ · ln(2/tol)`` products, LiSSA in
+    ``κ · ln(1/tol)``, so for a damped non-convex model LiSSA is the slow choice.
+    """
+    if lam_min <= 0:
+        return  # divergence is reported by the recursion itself
+    tol = config.residual_tol if config.residual_tol is not None else 0.05
+    needed = math.ceil(scale / lam_min * math.log(1 / tol))
+    if config.depth < needed:
+        kappa = lam_max / lam_min
+        cg = math.ceil(math.sqrt(kappa) * math.log(2 / tol))
+        warnings.warn(
+            f"LiSSA(depth={config.depth}) will stop before converging: with scale s = {scale:.3g} "
+            f"and λ_min ≈ {lam_min:.3g} the series needs about (s/λ_min)·ln(1/tol) = {needed} "
+            f"steps to reach a relative residual of {tol:g} (each step one pass over the data). "
+            f"tt.CG() needs about √κ·ln(2/tol) = {cg} products for the same operator (κ ≈ "
+            f"{kappa:.3g}); use it, raise depth, or raise the damping (fewer steps)",
+            ConvergenceWarning,
+            stacklevel=4,
+        )
 
 
 def batch_eigenvalue_range(
