@@ -228,7 +228,6 @@ def _peer_job(job_dir: Path, peer: str, setting: str) -> None:
             args = FactorArguments(
                 strategy=strategy,
                 use_empirical_fisher=fisher == "empirical",
-                **({} if damping == "default" else {}),
             )
             analyzer.fit_all_factors("f", train, per_device_batch_size=100, factor_args=args)
             from kronfluence.arguments import ScoreArguments
@@ -374,7 +373,8 @@ def _peer_grid(quick: bool, small: bool) -> list[tuple[str, str, str]]:
     ]
     if quick:
         return rows
-    return rows + [
+    return [
+        *rows,
         ("Captum TracInCP", "captum-tracincp", "10"),
         *([("Captum Arnoldi", "captum-arnoldi", "100/300")] if small else []),
         ("Kronfluence EK-FAC", "kronfluence", "ekfac/empirical/default"),

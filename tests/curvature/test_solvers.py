@@ -434,3 +434,14 @@ def test_lissa_warns_when_its_depth_cannot_reach_the_tolerance() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error", ConvergenceWarning)
         LiSSA(depth=4000, scale_iterations=2).prepare(op)
+
+
+def test_arnoldi_default_rank_is_min_of_p_and_200() -> None:
+    matrix = torch.diag(torch.arange(1.0, 6.0, dtype=torch.float64))
+    inverse = Arnoldi().prepare(MatrixOperator(matrix))  # P = 5 < 200: every pair, exact
+    assert inverse.rank == 5
+    rhs = torch.ones(5, dtype=torch.float64)
+    torch.testing.assert_close(
+        inverse.solve(rhs), rhs / torch.arange(1.0, 6.0, dtype=torch.float64)
+    )
+    assert Arnoldi(iterations=3).prepare(MatrixOperator(matrix)).rank == 3

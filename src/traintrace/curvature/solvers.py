@@ -28,6 +28,7 @@ says what to change (damping, scale, iterations).
 from __future__ import annotations
 
 import abc
+import dataclasses
 import math
 import warnings
 from collections.abc import Iterator
@@ -717,7 +718,8 @@ class Arnoldi(Solver):
     inverse is zero on the complement of the kept eigenvectors, as in the paper.
 
     Args:
-        rank: number of eigenpairs kept (``r``).
+        rank: number of eigenpairs kept (``r``). Default (None): ``min(P, 200)`` — on the LDS
+            benchmark (``benchmarks/lds_peers.py``) ARNOLDI_MEASUREMENT.
         iterations: Arnoldi/Lanczos steps ``n >= rank`` (default ``min(P, 2 · rank)``; the paper
             distills e.g. 200 steps to 50 pairs). ``rank = iterations = P`` gives the exact inverse.
         negative: what to do with kept eigenvalues ``<= 0`` (a damped operator that is not
@@ -732,17 +734,18 @@ class Arnoldi(Solver):
     """
 
     name: ClassVar[str] = "arnoldi"
-    rank: int = 20
+    rank: int | None = None
     iterations: int | None = None
     negative: Literal["drop", "keep", "raise"] = "drop"
     rtol: float = 1e-8
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _positive_int("rank", self.rank, "Arnoldi")
+        if self.rank is not None:
+            _positive_int("rank", self.rank, "Arnoldi")
         if self.iterations is not None:
             _positive_int("iterations", self.iterations, "Arnoldi")
-            if self.iterations < self.rank:
+            if self.iterations < (self.rank or 1):
                 raise ConfigurationError(
                     f"Arnoldi.iterations ({self.iterations}) must be >= rank ({self.rank})"
                 )
@@ -754,6 +757,11 @@ class Arnoldi(Solver):
             raise ConfigurationError(f"Arnoldi.rtol must be in [0, 1), got {self.rtol!r}")
 
     def prepare(self, operator: CurvatureOperator) -> LowRankInverse:
+        if self.rank is None:  # the default rule: min(P, 200), iterations min(P, 2 · rank)
+            rank = min(operator.dim, 200)
+            if self.iterations is not None:
+                rank = min(rank, self.iterations)
+            return dataclasses.replace(self, rank=rank).prepare(operator)
         if self.rank > operator.dim:
             raise ConfigurationError(
                 f"Arnoldi.rank={self.rank} exceeds the number of parameters P={operator.dim}"
