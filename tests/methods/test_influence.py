@@ -239,7 +239,7 @@ def test_indefinite_hessian_without_damping_is_a_clear_error_never_nan():
             tt.Classification(),
             tt.Checkpoint(model.state_dict()),
             hessian="mfac",
-            damping=None,
+            damping=0.0,
             progress=False,
         ).fit(TensorDataset(x, y))
 

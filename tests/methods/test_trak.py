@@ -120,7 +120,7 @@ def test_default_projection_is_resolved_at_fit_from_the_training_set_size():
     from traintrace.methods.trak import default_projection
 
     # width: a power of two near n / 8, within [32, 2048]; Gaussian unless P · k > 2^30
-    assert default_projection(1000, 10_000) == tt.Projection(128, kind="gaussian")
+    assert default_projection(1000, 10_000) == tt.Projection(64, kind="gaussian")
     assert default_projection(100, 10_000).dim == 32
     assert default_projection(10**6, 10_000).dim == 2048
     assert default_projection(10**6, 10**8).kind == "kronecker"

@@ -67,12 +67,12 @@ class InfluenceFunction(GradientEstimator):
         hessian: the inverse-curvature method — ``tt.Exact()``, ``tt.CG()``, ``tt.LiSSA()``,
             ``tt.Arnoldi(rank=...)``, ``tt.KFAC()``, ``tt.EKFAC()``, ``tt.MFAC()`` or one of the
             names ``"exact"``, ``"cg"``, ``"lissa"``, ``"arnoldi"``, ``"mfac"``.
-        damping: ``λ >= 0`` (an explicit number always wins; ``None`` means 0, M-FAC requires
-            ``λ > 0``), or a rule that picks ``λ`` from the curvature data at ``fit`` and stores
+        damping: ``λ >= 0`` (an explicit number always wins; M-FAC requires ``λ > 0``), or a
+            rule that picks ``λ`` from the curvature data at ``fit`` and stores
             it as ``damping_`` (with how it was chosen in ``damping_reason_``, also logged at
             INFO level on the ``"traintrace"`` logger):
 
-            * ``"auto"`` (default): ``"spectrum"`` for the matrix-free solvers (Exact, CG,
+            * ``"auto"`` (default; also ``None``): ``"spectrum"`` for the matrix-free solvers (Exact, CG,
               LiSSA, Arnoldi, M-FAC); for K-FAC/EK-FAC the config's own damping
               (``KFAC.damping`` / ``damping_scale``).
             * ``"spectrum"``: ``λ = max(0, −λ_min) + 1e-3 · max(|λ_max|, |λ_min|)`` from 100
@@ -230,8 +230,8 @@ class InfluenceFunction(GradientEstimator):
         curv_loader = loader if self.curvature_data is None else self._loader(self.curvature_data)
         state = self.checkpoint.state_for(self.model)
         self.damping_ = self.damping
-        self.damping_reason_ = "given" if self.damping is not None else "None: no damping"
-        rule = self.damping
+        self.damping_reason_ = "given"
+        rule = "auto" if self.damping is None else self.damping
         if rule == "auto":
             rule = None if isinstance(self.hessian, KFAC) else "spectrum"
             if rule is None:

@@ -72,7 +72,9 @@ class TRAK(GradientEstimator):
             ``projection_``. An int ``k``: ``Projection(dim=k)`` (Kronecker, as everywhere in
             traintrace); or a :class:`~traintrace.Projection`. TRAK needs a projection:
             ``ΦᵀΦ`` is ``k × k``. Measured (``benchmarks/lds_peers.py``, LDS over 64 half
-            subsets × 2 seeds, 5 models, ``n = 1000``): TRAK_MEASUREMENT
+            subsets × 2 seeds, 5 models, ``n = 1000``, digits MLP): Gaussian k = 16 / 32 / **64** / 128 /
+            256 / 512 scored 0.488 / 0.577 / **0.619** / 0.548 / 0.378 / 0.177; Kronecker k = 64 /
+            128 / 512 0.550 / 0.497 / 0.213 (the old default, Kronecker 2048 > n, 0.099).
         damping: ``λ``; ``None`` uses ``1e-6 · trace(ΦᵀΦ)/k`` (keeps the solve well posed when
             ``n`` is not much larger than ``k``).
         preconditioner: ``"inverse"`` (TRAK) or ``"identity"`` (no ``(ΦᵀΦ)⁻¹``: projected
