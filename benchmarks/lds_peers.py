@@ -22,10 +22,11 @@ standard error over the queries, the paired difference to the best peer (mean ±
 of the per-query differences) and the wall time of fit + score. Full run (what the README
 reports)::
 
-    OMP_NUM_THREADS=1 PYTHONPATH=src .venv/bin/python benchmarks/lds_peers.py \
+    OMP_NUM_THREADS=1 PYTHONPATH=src .venv/bin/python benchmarks/lds_peers.py --full \
         --cache lds-cache --peers-python /work/peers/bin/python
 
-``--quick`` (what ``make bench`` runs): 12 subsets × 1 seed, 20 queries, the defaults only.
+Without ``--full`` (what ``make bench`` runs) the quick protocol: 12 subsets × 1 seed, 20
+queries, the defaults only (and the peers only when ``--peers-python`` is given).
 """
 
 from __future__ import annotations
@@ -633,7 +634,10 @@ def main() -> None:
     parser.add_argument("--workloads", nargs="+", default=["digits", "mnist"])
     parser.add_argument("--cache", default=None, help="folder for retrains and scores")
     parser.add_argument("--subsets", type=int, default=64)
-    parser.add_argument("--quick", action="store_true")
+    parser.add_argument(
+        "--full", action="store_true", help="the reported protocol (default: the quick one)"
+    )
+    parser.add_argument("--quick", action="store_true", help="the default: few subsets, queries")
     parser.add_argument(
         "--peers-python", default=None, help="python of an environment with captum and kronfluence"
     )
@@ -645,6 +649,7 @@ def main() -> None:
         _peer_job(Path(args.peer_job), args.peer, args.setting)
         return
     torch.set_num_threads(1)
+    args.quick = not args.full
     if args.cache is None:
         with tempfile.TemporaryDirectory() as tmp:
             args.cache = tmp
