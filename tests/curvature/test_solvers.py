@@ -16,6 +16,7 @@ Tolerances (float64):
 from __future__ import annotations
 
 import re
+import warnings
 
 import pytest
 import torch
@@ -35,6 +36,7 @@ from traintrace.curvature.solvers import (
 )
 from traintrace.exceptions import (
     ConfigurationError,
+    ConvergenceWarning,
     NotPositiveDefiniteError,
     SolverDivergedError,
 )
@@ -437,3 +439,24 @@ def test_stochastic_lissa_checks_its_residual_only_when_a_full_pass_is_cheaper()
     costly = LiSSA(scale=4.0, depth=op.num_batches - 1, stochastic=True).prepare(op)
     costly.solve(prob.rhs[:, 0])
     assert costly.info.residual is None and costly.info.converged is None
+
+
+def test_lissa_warns_when_its_depth_cannot_reach_the_tolerance() -> None:
+    # diag(1, 1000): s = 1.1 · 1000, so (s/λ_min)·ln(1/0.05) ≈ 3296 steps are needed
+    op = MatrixOperator(torch.diag(torch.tensor([1.0, 1000.0], dtype=torch.float64)))
+    with pytest.warns(ConvergenceWarning, match=r"depth=100\) will stop before converging"):
+        LiSSA(depth=100, scale_iterations=2).prepare(op)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        LiSSA(depth=4000, scale_iterations=2).prepare(op)
+
+
+def test_arnoldi_default_rank_is_min_of_p_and_200() -> None:
+    matrix = torch.diag(torch.arange(1.0, 6.0, dtype=torch.float64))
+    inverse = Arnoldi().prepare(MatrixOperator(matrix))  # P = 5 < 200: every pair, exact
+    assert inverse.rank == 5
+    rhs = torch.ones(5, dtype=torch.float64)
+    torch.testing.assert_close(
+        inverse.solve(rhs), rhs / torch.arange(1.0, 6.0, dtype=torch.float64)
+    )
+    assert Arnoldi(iterations=3).prepare(MatrixOperator(matrix)).rank == 3

@@ -220,6 +220,7 @@ def test_indefinite_hessian_without_damping_is_a_clear_error_never_nan():
             tt.Classification(),
             tt.Checkpoint(model.state_dict()),
             hessian=solver,
+            damping=0.0,
             progress=False,
         )
         with pytest.raises(tt.NotPositiveDefiniteError, match="damping"):
@@ -238,8 +239,35 @@ def test_indefinite_hessian_without_damping_is_a_clear_error_never_nan():
             tt.Classification(),
             tt.Checkpoint(model.state_dict()),
             hessian="mfac",
+            damping=0.0,
             progress=False,
         ).fit(TensorDataset(x, y))
+
+
+@pytest.mark.parametrize("solver", [tt.Exact(), tt.CG(tol=1e-12)])
+def test_default_damping_lifts_an_indefinite_hessian_by_the_spectrum_rule(solver):
+    # the default damping="auto" is max(0, −λ_min) + 1e-3·max|λ| of the explicit Hessian, and
+    # the scores are the explicit (H + λI)⁻¹ formula at that λ; an explicit number still wins
+    model = tiny_mlp(5)
+    x, y = tiny_data(seed=9)
+    values = torch.linalg.eigvalsh(explicit_hessian(model, x, y))
+    assert values[0] < 0, "test premise: an indefinite Hessian"
+    expected = float(-values[0] + 1e-3 * values.abs().max())
+    ckpt = tt.Checkpoint(model.state_dict())
+    est = tt.InfluenceFunction(model, tt.Classification(), ckpt, hessian=solver, progress=False)
+    est.fit(TensorDataset(x, y))
+    assert est.damping_ == pytest.approx(expected, rel=1e-6)
+    assert "spectrum" in est.damping_reason_ and f"{expected:.4g}" in est.damping_reason_
+    torch.testing.assert_close(
+        est.score(TensorDataset(x[:3], y[:3])),
+        brute_influence(model, x, y, x[:3], y[:3], expected),
+        rtol=1e-6,
+        atol=1e-10,
+    )
+    fixed = tt.InfluenceFunction(
+        model, tt.Classification(), ckpt, hessian=solver, damping=0.5, progress=False
+    ).fit(TensorDataset(x, y))
+    assert fixed.damping_ == 0.5
 
 
 # -- leave-one-out retraining on L2-regularized multinomial logistic regression -----------------
@@ -395,4 +423,4 @@ def test_evidence_damping_is_chosen_by_select_damping_and_used():
         est.score(TensorDataset(x[:3], y[:3])), explicit.score(TensorDataset(x[:3], y[:3]))
     )
     with pytest.raises(tt.ConfigurationError, match="evidence"):
-        tt.InfluenceFunction(model, tt.Classification(), ckpt, damping="auto")
+        tt.InfluenceFunction(model, tt.Classification(), ckpt, damping="automatic")

@@ -114,3 +114,27 @@ def test_more_features_than_examples_warns():
     )
     with pytest.warns(RuntimeWarning, match="rank at most 12"):
         est.fit(TensorDataset(x, y))
+
+
+def test_default_projection_is_resolved_at_fit_from_the_training_set_size():
+    from traintrace.methods.trak import default_projection
+
+    # width: a power of two near n / 8, within [32, 2048]; Gaussian unless P · k > 2^30
+    assert default_projection(1000, 10_000) == tt.Projection(64, kind="gaussian")
+    assert default_projection(100, 10_000).dim == 32
+    assert default_projection(10**6, 10_000).dim == 2048
+    assert default_projection(10**6, 10**8).kind == "kronecker"
+    model, states, (x, y), (xq, yq) = setup(4, n=40)
+    ckpts = [tt.Checkpoint(s) for s in states]
+    auto = tt.TRAK(model, tt.Classification(), ckpts, damping=1e-3, progress=False)
+    assert auto.projection_ is None
+    auto.fit(TensorDataset(x, y))
+    n_params = sum(p.numel() for p in model.parameters())
+    assert auto.projection_ == default_projection(40, n_params)
+    assert auto.projection_.kind == "gaussian" and auto.projection_.dim == 32
+    explicit = tt.TRAK(
+        model, tt.Classification(), ckpts, projection=auto.projection_, damping=1e-3, progress=False
+    ).fit(TensorDataset(x, y))
+    torch.testing.assert_close(
+        auto.score(TensorDataset(xq, yq)), explicit.score(TensorDataset(xq, yq))
+    )
