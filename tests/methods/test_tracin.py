@@ -391,3 +391,26 @@ def test_bad_labels_and_overflow_are_named_errors_with_the_example():
     huge[5] *= 1e25  # finite inputs whose squared gradient norm overflows float32
     with pytest.raises(tt.NonFiniteGradientError, match=r"0\.weight.*\[5\]"):
         est.fit(TensorDataset(huge, y))
+
+
+def test_a_fitted_store_reopens_without_the_training_data(tmp_path):
+    model, states, lrs, (xt, yt), (xq, yq) = _mlp_setup()
+    ckpts = [tt.Checkpoint(s, lr=lr) for s, lr in zip(states, lrs, strict=True)]
+    store = tmp_path / "store"
+
+    def make(checkpoints):
+        return tt.TracIn(
+            model, tt.Classification(), checkpoints, projection=16, store=store, progress=False
+        )
+
+    first = make(ckpts).fit(TensorDataset(xt, yt))
+    again = make(ckpts).fit()  # as a new process would: no data, nothing recomputed
+    assert again.n_train_ == len(xt)
+    torch.testing.assert_close(
+        again.score(TensorDataset(xq, yq)), first.score(TensorDataset(xq, yq))
+    )
+    torch.testing.assert_close(again.self_influence(), first.self_influence())
+    with pytest.raises(tt.StoreMismatchError):
+        make(ckpts[:1]).fit()  # other checkpoints: refused, both values shown
+    with pytest.raises(tt.ConfigurationError, match="needs the training data"):
+        tt.TracIn(model, tt.Classification(), ckpts, progress=False).fit()

@@ -30,7 +30,7 @@ from traintrace.checkpoints import Checkpoint
 from traintrace.data import as_loader
 from traintrace.exceptions import ConfigurationError
 from traintrace.methods.base import Data, Estimator
-from traintrace.methods.preconditioners import Preconditioner
+from traintrace.methods.preconditioners import Identity, Preconditioner
 from traintrace.methods.streaming import ExactStream, Normalize, check_normalize
 from traintrace.retrieval.topk import TopK, check_k
 from traintrace.task import Task, require_task
@@ -131,11 +131,23 @@ class GradientEstimator(Estimator):
     def _after_fit(self, loader: DataLoader, n: int) -> None:
         """Preconditioners built from the stored features (TRAK's ``ΦᵀΦ``)."""
 
-    def fit(self, train: Data) -> Any:
+    def fit(self, train: Data | None = None) -> Any:
         """Prepare ``P`` and ``R`` on the training set; returns ``self``.
 
-        Example ``i`` is ``train[i]``; anything that reorders examples is refused.
+        Example ``i`` is ``train[i]``; anything that reorders examples is refused. ``train=None``
+        reopens a complete store written by an earlier ``fit`` with the same settings (a new
+        process that only queries): nothing is recomputed, the data is not needed.
         """
+        if train is None:
+            reopen = getattr(self.featurizer, "reopen", None)
+            if reopen is None or any(not isinstance(p, Identity) for p in self.preconditioners):
+                raise ConfigurationError(
+                    f"{type(self).__name__}.fit() needs the training data; only an estimator "
+                    "with a projected store (projection= or store=) and no data-dependent "
+                    "preconditioner can be reopened from its store without it"
+                )
+            self.n_train_ = reopen(self)
+            return self
         loader = self._loader(train)
         n = require_length(loader, "the training data set")
         self.n_train_ = n

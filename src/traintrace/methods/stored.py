@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -113,6 +114,11 @@ class ProjectedStore:
 
     # -- fit -------------------------------------------------------------------------------------
     def _settings(self, est: GradientEstimator, loader: DataLoader, n: int) -> dict[str, Any]:
+        settings = self._settings_without_data(est)
+        settings["data"] = {"n": n, "fingerprint": dataset_fingerprint(loader)}
+        return settings
+
+    def _settings_without_data(self, est: GradientEstimator) -> dict[str, Any]:
         return {
             "estimator": type(est).__name__,
             "model": model_fingerprint(est.model),
@@ -122,7 +128,6 @@ class ProjectedStore:
                 {"name": c.name, "weight": w, "fingerprint": c.fingerprint(est.model)}
                 for c, w in zip(est.checkpoints, est.weights, strict=True)
             ],
-            "data": {"n": n, "fingerprint": dataset_fingerprint(loader)},
         }
 
     def _open(
@@ -194,6 +199,38 @@ class ProjectedStore:
             store.close()  # release the writer lock now, not when the object is collected
             raise
         est.store_ = store
+
+    def reopen(self, est: GradientEstimator) -> int:
+        """Open a complete store without the training data (a new process, queries only).
+
+        Every setting but the data is checked against the store (model structure, task,
+        projection, checkpoints and their weights); the data's fingerprint and size are taken
+        from the store, which recorded them when it was written. Returns ``n``.
+        """
+        if self.store_path is None or not os.path.exists(
+            os.path.join(self.store_path, "meta.json")
+        ):
+            raise ConfigurationError(
+                f"fit() without training data reopens an existing store, but {self.store_path!r} "
+                "holds none: pass store= the folder a previous fit wrote, or pass the data"
+            )
+        meta = FeatureStore._read_meta(Path(self.store_path))
+        layout = meta["layout"]
+        n = int(layout["n"])
+        settings = self._settings_without_data(est)
+        settings["data"] = meta["settings"].get("data")
+        store = FeatureStore.open(
+            self.store_path,
+            settings,
+            n=n,
+            width=self.width,
+            checkpoints=len(est.checkpoints),
+            dtype=self.store_dtype,
+            chunk_size=int(layout["chunk_size"]),
+        )
+        store.require_complete()
+        est.store_ = store
+        return n
 
     def _chunk_hash(self, est: GradientEstimator, loader: DataLoader, start: int, stop: int) -> str:
         hasher = DataHasher()
