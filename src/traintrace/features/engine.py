@@ -135,7 +135,12 @@ def _form(terms: list[tuple[Tensor, Tensor]], rows: int, cols: int) -> Tensor:
     r0, c0 = terms[0]
     b = r0.shape[0]
     dense = r0 if not _is_tokens(r0) else c0
-    out = dense.new_zeros(b, rows, cols)
+    out: Tensor | None = None
+    if not _is_tokens(r0) and not _is_tokens(c0):  # the common case: one bmm, no zero fill
+        out = torch.bmm(r0, c0.transpose(1, 2))
+        terms = terms[1:]
+    if out is None:
+        out = dense.new_zeros(b, rows, cols)
     for r, c in terms:
         if not _is_tokens(r) and not _is_tokens(c):
             out.baddbmm_(r, c.transpose(1, 2))

@@ -295,7 +295,7 @@ class HookedPass:
         else:
             (xhat,) = inputs
             g = grad.reshape(b, -1, xhat.shape[-1])
-            parts = {norm.weight: torch.einsum("btd,btd->bd", g, xhat), norm.bias: g.sum(1)}
+            parts = {norm.weight: (g * xhat).sum(1), norm.bias: g.sum(1)}
         for name, value in parts.items():
             if name is not None:
                 self._add(self.norm_grads, name, value)
