@@ -30,7 +30,7 @@ from traintrace.features.store import FeatureStore, TemporaryStoreDir, temporary
 from traintrace.methods.preconditioners import Identity
 from traintrace.retrieval import exact as exact_retrieval
 from traintrace.retrieval.faiss_index import top_k as retrieval_top_k
-from traintrace.retrieval.topk import Ranking, TopK
+from traintrace.retrieval.topk import TopK
 
 if TYPE_CHECKING:
     from traintrace.methods.gradient import GradientEstimator
@@ -357,18 +357,7 @@ class ProjectedStore:
             )
             for qs in self._query_blocks(est, queries)
         ]
-        if not parts:
-            raise ConfigurationError("no queries: the query data set is empty")
-        return TopK(
-            proponents=Ranking(
-                torch.cat([p.proponents.indices for p in parts]),
-                torch.cat([p.proponents.scores for p in parts]),
-            ),
-            opponents=Ranking(
-                torch.cat([p.opponents.indices for p in parts]),
-                torch.cat([p.opponents.scores for p in parts]),
-            ),
-        )
+        return TopK.concat(parts)
 
     def self_influence(self, est: GradientEstimator) -> Tensor:
         """``Σ_c w_c gᵀ P_c g`` from the stored rows (``P = I``: the stored norms only)."""

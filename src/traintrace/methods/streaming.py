@@ -31,7 +31,8 @@ from traintrace.exceptions import ConfigurationError, NonFiniteGradientError
 from traintrace.features.engine import Directions, ExactGradients
 from traintrace.features.hooks import Capture
 from traintrace.methods.preconditioners import Identity, Preconditioner
-from traintrace.retrieval.topk import Ranking, TopK
+from traintrace.retrieval.exact import RunningTopK
+from traintrace.retrieval.topk import TopK
 
 if TYPE_CHECKING:
     from traintrace.methods.gradient import GradientEstimator
@@ -285,14 +286,14 @@ def stream_top_k(
     parts: list[TopK] = []
     for block in _query_blocks(queries, device, query_block):
         m = sum(batch_size_of(b) for _, b in block)
-        runner = _RunningTopK(k)
+        runner = RunningTopK(k)
         partial: list[Tensor] = []
 
         def consume(
             pos: int,
             scores: Tensor,
             m: int = m,
-            runner: _RunningTopK = runner,
+            runner: RunningTopK = runner,
             partial: list[Tensor] = partial,
         ) -> None:
             c, offset = divmod(pos, n)
@@ -323,50 +324,7 @@ def stream_top_k(
             consume=consume,
         )
         parts.append(runner.result())
-    if not parts:
-        raise ConfigurationError("no queries: the query data set is empty")
-    return TopK(
-        proponents=Ranking(
-            torch.cat([p.proponents.indices for p in parts]),
-            torch.cat([p.proponents.scores for p in parts]),
-        ),
-        opponents=Ranking(
-            torch.cat([p.opponents.indices for p in parts]),
-            torch.cat([p.opponents.scores for p in parts]),
-        ),
-    )
-
-
-class _RunningTopK:
-    """The ``k`` largest and smallest columns seen so far, per row, merged block by block."""
-
-    def __init__(self, k: int) -> None:
-        self.k = k
-        self.hi: tuple[Tensor, Tensor] | None = None
-        self.lo: tuple[Tensor, Tensor] | None = None
-
-    @staticmethod
-    def _merge(
-        prev: tuple[Tensor, Tensor] | None, values: Tensor, index: Tensor, k: int, largest: bool
-    ) -> tuple[Tensor, Tensor]:
-        if prev is not None:
-            values = torch.cat([prev[0], values], dim=1)
-            index = torch.cat([prev[1], index], dim=1)
-        kk = min(k, values.shape[1])
-        top, pos = torch.topk(values, kk, dim=1, largest=largest, sorted=True)
-        return top, torch.gather(index, 1, pos)
-
-    def update(self, start: int, block: Tensor) -> None:
-        block = block.cpu()
-        index = torch.arange(start, start + block.shape[1]).expand(block.shape[0], -1)
-        self.hi = self._merge(self.hi, block, index, self.k, True)
-        self.lo = self._merge(self.lo, block, index, self.k, False)
-
-    def result(self) -> TopK:
-        assert self.hi is not None and self.lo is not None
-        return TopK(
-            proponents=Ranking(self.hi[1], self.hi[0]), opponents=Ranking(self.lo[1], self.lo[0])
-        )
+    return TopK.concat(parts)
 
 
 def stream_self_influence(

@@ -32,6 +32,7 @@ from traintrace.retrieval.topk import Ranking, TopK, check_k
 __all__ = [
     "BLOCK_VALUES",
     "FeatureSource",
+    "RunningTopK",
     "TrainFeatures",
     "as_feature_source",
     "exact_top_k",
@@ -318,7 +319,7 @@ def score(
     return out
 
 
-class _RunningTopK:
+class RunningTopK:
     """The ``k`` largest and ``k`` smallest values per row over column blocks seen so far."""
 
     def __init__(self, k: int) -> None:
@@ -338,6 +339,8 @@ class _RunningTopK:
         return best.values, torch.gather(indices, 1, best.indices)
 
     def update(self, start: int, block: Tensor) -> None:
+        """Merge the scores of columns ``start .. start + block.shape[1]`` (``[m, B]``)."""
+        block = block.cpu()
         idx = torch.arange(start, start + block.shape[1])[None, :]
         self.top = self._merge(self.top, block, idx, largest=True)
         self.bottom = self._merge(self.bottom, block, idx, largest=False)
@@ -374,7 +377,7 @@ def exact_top_k(
     source = as_feature_source(train)
     check_k(k, source.n)
     qs, ws = _check_queries(source.checkpoints, source.width, queries, weights)
-    running = _RunningTopK(k)
+    running = RunningTopK(k)
     for start, block in _scored_blocks(
         source, qs, ws, normalize, _block_rows(source, qs[0].shape[0], rows)
     ):

@@ -129,6 +129,22 @@ class TopK:
     proponents: Ranking
     opponents: Ranking
 
+    @classmethod
+    def concat(cls, parts: Sequence[TopK]) -> TopK:
+        """The rankings of consecutive blocks of queries, stacked in query order."""
+        if not parts:
+            raise ConfigurationError("no queries: the query data set is empty")
+        return cls(
+            proponents=Ranking(
+                torch.cat([p.proponents.indices for p in parts]),
+                torch.cat([p.proponents.scores for p in parts]),
+            ),
+            opponents=Ranking(
+                torch.cat([p.opponents.indices for p in parts]),
+                torch.cat([p.opponents.scores for p in parts]),
+            ),
+        )
+
     def to_pandas(
         self,
         labels: Sequence[Any] | Tensor | np.ndarray | None = None,
