@@ -740,6 +740,14 @@ class ProjectedGradients:
         self._fill_dense(out, named)
         return out
 
+    def _require_state(self, state: Mapping[str, Tensor]) -> None:
+        missing = [n for n in self.names if n not in state]
+        if missing:
+            raise ConfigurationError(
+                f"the state has no entry for the selected parameters {missing[:8]}; pass the "
+                "model's full state dict (e.g. Checkpoint.state_for(model))"
+            )
+
     def features(
         self,
         state: Mapping[str, Tensor],
@@ -764,12 +772,7 @@ class ProjectedGradients:
         """
         if kind not in ("loss", "measurement"):
             raise ConfigurationError(f"kind must be 'loss' or 'measurement', got {kind!r}")
-        missing = [n for n in self.names if n not in state]
-        if missing:
-            raise ConfigurationError(
-                f"the state has no entry for the selected parameters {missing[:8]}; pass the "
-                "model's full state dict (e.g. Checkpoint.state_for(model))"
-            )
+        self._require_state(state)
         batch = to_plain(batch)
         if self.projection is None:
             return self._all.per_example(state, batch, kind, offset=offset, where=where)
@@ -810,6 +813,7 @@ class ProjectedGradients:
         """
         if not self._capture:
             raise ConfigurationError("capture() needs ProjectedGradients(..., capture=True)")
+        self._require_state(state)
         self._last_sampler = None
         if kind == "sampled":
             if not isinstance(generator, torch.Generator):
