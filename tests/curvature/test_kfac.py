@@ -876,7 +876,14 @@ def test_quadratic_and_directions_from_a_capture_equal_solve_on_formed_gradients
             rtol=1e-9,
             atol=1e-12,
         )
-        got = inv.directions(engine, cap)
+        rotated = inv.directions(engine, cap)  # in the eigenbasis: the engine rotates g instead
+        torch.testing.assert_close(
+            engine.dot(cap, rotated),
+            engine.dot(cap, engine.directions_from_flat(solved)),
+            rtol=1e-9,
+            atol=1e-12,
+        )
+        got = inv.directions(engine, cap, rotated=False)
         want = engine.directions_from_flat(solved)
         for key, d in want.dense.items():
             torch.testing.assert_close(got.dense[key], d, rtol=1e-9, atol=1e-12)

@@ -67,7 +67,10 @@ class Directions:
 
     ``factored[key]`` holds captured terms ``(rows side [m, rows, T], cols side [m, cols, T])``
     (a query's own gradient); ``dense[key]`` the canonical matrices ``[m, rows, cols]`` (a
-    preconditioned query, an eigenvector); ``flat`` the ``[m, P_dense]`` part outside the groups.
+    preconditioned query, an eigenvector), in a rotated basis where ``bases`` says so (then
+    ``⟨G_i, D⟩ = ⟨Q_Sᵀ G_i Q_A, M⟩``: the training sides are rotated, ``B·T·(rows² + cols²)``,
+    instead of rotating every direction back, ``m·rows·cols·(rows + cols)``); ``flat`` the
+    ``[m, P_dense]`` part outside the groups.
     A factored group's dense form is built on demand and cached.
     """
 
@@ -75,6 +78,10 @@ class Directions:
     factored: dict[str, list[tuple[Tensor, Tensor]]] = field(default_factory=dict)
     dense: dict[str, Tensor] = field(default_factory=dict)
     flat: Tensor | None = None
+    #: per group key, ``(Q_S, Q_A)``: that group's ``dense`` matrices are expressed in the rotated
+    #: basis ``Q_Sᵀ · Q_A`` (K-FAC/EK-FAC's eigenbasis), and training gradients are rotated the
+    #: same way before the contraction (``Q_A = None``: the columns are not rotated)
+    bases: dict[str, tuple[Tensor, Tensor | None]] = field(default_factory=dict)
 
 
 def _is_tokens(side: Tensor) -> bool:
@@ -157,6 +164,25 @@ def _form(terms: list[tuple[Tensor, Tensor]], rows: int, cols: int) -> Tensor:
 
 def _slice_terms(terms: list[tuple[Tensor, Tensor]], start: int, stop: int) -> list[Any]:
     return [(r[start:stop], c[start:stop]) for r, c in terms]
+
+
+def rotate_side(side: Tensor, q: Tensor | None) -> Tensor:
+    """``Qᵀ x_t`` for every position, ``[B, d, T]`` (tokens: rows of ``Q``; padding 0)."""
+    if q is None:
+        return side
+    if _is_tokens(side):
+        rows = q[side.clamp(min=0)] * (side >= 0).unsqueeze(-1).to(q.dtype)  # [B, T, d]
+        return rows.transpose(1, 2)
+    b, d, t = side.shape  # one GEMM over all positions: [B·T, d] @ Q
+    flat = side.transpose(1, 2).reshape(b * t, d).to(q.dtype) @ q
+    return flat.reshape(b, t, q.shape[1]).transpose(1, 2)
+
+
+def rotate_terms(
+    terms: list[tuple[Tensor, Tensor]], q_s: Tensor, q_a: Tensor | None
+) -> list[tuple[Tensor, Tensor]]:
+    """The captured terms of ``Q_Sᵀ G_i Q_A``: rotated rows and cols sides."""
+    return [(rotate_side(r, q_s), rotate_side(c, q_a)) for r, c in terms]
 
 
 class ExactGradients:
@@ -331,13 +357,23 @@ class ExactGradients:
         m, b = dirs.m, cap.size
         zero = ref.new_zeros(m, b)
         train_terms = cap.terms.get(g.key)
+        basis = dirs.bases.get(g.key)
         if g.key in cap.formed:
             d = self._dense_of(dirs, g)
             if d is None:
                 return zero
-            return d.reshape(m, -1) @ cap.formed[g.key].reshape(b, -1).T
+            formed = cap.formed[g.key]
+            if basis is not None:
+                q_s, q_a = basis
+                formed = q_s.T.to(formed) @ formed
+                formed = formed if q_a is None else formed @ q_a.to(formed)
+            return d.reshape(m, -1) @ formed.reshape(b, -1).T
         if not train_terms:
             return zero
+        if basis is not None:
+            q_s, q_a = basis
+            rotated = rotate_terms(train_terms, q_s, q_a)
+            return self._dot_dense(rotated, dirs.dense[g.key], g, ref)
         q_terms = dirs.factored.get(g.key) if g.key not in dirs.dense else None
         if q_terms is not None:
             factored = sum(
