@@ -423,6 +423,11 @@ class ExactGradients:
         b = train[0][0].shape[0]
         out = ref.new_zeros(m, b)
         simple = all(not _is_tokens(r) and (_is_tokens(c) or _positions(r) == 1) for r, c in train)
+        if simple and any(_is_tokens(c) for _, c in train):
+            # gathering D's token columns moves m·rows·T numbers per example (memory-bound: x4);
+            # forming the example's sparse [rows, V] gradient costs rows·V·(T + m) multiply-adds
+            t_total = sum(_positions(r) for r, _ in train)
+            simple = 4 * m * g.rows * t_total < g.rows * g.cols * (t_total + m)
         if simple:
             for r, c in train:
                 if _is_tokens(c):  # gather the token columns of D: [m, rows, B, T]
