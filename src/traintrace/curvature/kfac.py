@@ -579,7 +579,10 @@ class KroneckerInverse:
     ) -> Directions:
         """``(F̂ + λI)⁻¹ q_j`` for the captured queries, as dense engine directions.
 
-        ``rotated=True`` (default) keeps each Kronecker block's directions in its eigenbasis,
+        ``rotated=True`` (default) keeps the directions of each large Kronecker block (where
+        rotating a direction back, ``d_out·d_in·(d_out + d_in)``, costs more than rotating ten
+        training examples' sides, ``10·T·(d_out² + d_in²)``: dense layers, not convolutions with
+        many positions and few channels) in its eigenbasis,
         ``M_j = (Q_Sᵀ G_j Q_A) ⊘ (Λ + λ)``, with ``Directions.bases`` telling the engine to rotate
         the training gradients instead (``B·T·(d_out² + d_in²)`` per batch rather than
         ``m·d_out·d_in·(d_out + d_in)`` per query block); ``rotated=False`` rotates back to the
@@ -614,7 +617,10 @@ class KroneckerInverse:
                 m = _form(rot, g.rows, g.cols)
             else:
                 continue  # the layer did not run: a zero direction
-            if rotated:
+            positions = sum(r.shape[-1] for r, _ in cap.terms.get(g.key, [])) or 1
+            back = g.rows * g.cols * (g.rows + g.cols)  # rotating one direction back
+            ahead = 10 * positions * (g.rows**2 + g.cols**2)  # rotating ~10 examples per query
+            if rotated and back > ahead:  # large dense layers: the training sides rotate
                 dense[g.key] = m * w
                 ref_dtype = cap.values.dtype
                 bases[g.key] = (q_s.to(ref_dtype), None if q_a is None else q_a.to(ref_dtype))
