@@ -214,7 +214,6 @@ def tt_arnoldi_coordinates(wl: Workload, scratch: str) -> tuple[torch.Tensor, in
     costs the same to contract; its Lanczos fit is a separate, n-independent cost)."""
     import traintrace as tt
     from traintrace.features.engine import ExactGradients
-    from traintrace.methods.streaming import train_sq_norms  # noqa: F401 (same pass shape)
 
     model = make_model()
     engine = ExactGradients(model, make_task())

@@ -11,14 +11,14 @@ per-layer factors (:class:`~traintrace.features.engine.ExactGradients`). Nothing
 ``n × P`` is formed or stored; memory is one training batch's activations plus the ``[m, n]``
 result (``top_k`` keeps only ``[m, k]``).
 
-Preconditioners: :mod:`traintrace.methods.preconditioners`. Normalized variants divide each checkpoint's term by gradient norms from the same
-capture: ``normalize="train"`` by ``‖∇l(z, θ_c)‖`` (renormalized influence), ``"cosine"`` also
+Preconditioners: :mod:`traintrace.methods.preconditioners`. Normalized variants divide each
+checkpoint's term by gradient norms from the same capture: ``normalize="train"`` by ``‖∇l(z, θ_c)‖`` (renormalized influence), ``"cosine"`` also
 by ``‖∇f(z', θ_c)‖`` (GAS); ``layerwise=True`` does so per layer and sums over layers.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -30,22 +30,14 @@ from traintrace.data import DataHasher, batch_size_of, iterate_batches
 from traintrace.exceptions import ConfigurationError, NonFiniteGradientError
 from traintrace.features.engine import Directions, ExactGradients
 from traintrace.features.hooks import Capture
-from traintrace.methods.preconditioners import Identity, Preconditioner
+from traintrace.methods.preconditioners import Identity
 from traintrace.retrieval.exact import RunningTopK
 from traintrace.retrieval.topk import TopK
 
 if TYPE_CHECKING:
     from traintrace.methods.gradient import GradientEstimator
 
-__all__ = [
-    "ExactStream",
-    "Normalize",
-    "check_normalize",
-    "stream_scores",
-    "stream_self_influence",
-    "stream_top_k",
-    "train_sq_norms",
-]
+__all__ = ["ExactStream", "Normalize", "check_normalize", "train_sq_norms"]
 
 Normalize = Literal[False, "train", "cosine"]
 
@@ -152,212 +144,6 @@ def _query_blocks(
         yield pending
 
 
-def _block_scores(
-    engine: ExactGradients,
-    states: Callable[[int], State],
-    weights: Sequence[float],
-    preconditioners: Sequence[Preconditioner],
-    names: Sequence[str],
-    train: DataLoader,
-    queries: list[tuple[int, Any]],
-    device: torch.device,
-    *,
-    n: int,
-    normalize: Normalize,
-    layerwise: bool,
-    train_norms: Sequence[Tensor] | None,
-    progress: bool,
-    consume: Callable[[int, Tensor], None],
-) -> int:
-    """Stream one block of queries: ``consume(train offset, scores [m, B])`` per training batch.
-
-    The per-checkpoint sum is accumulated per training batch, so each consumer call sees the
-    final scores of those columns. Returns ``m``.
-    """
-    per_ckpt: list[tuple[list[Capture], list[Directions], list[Tensor] | None]] = []
-    for c, precond in enumerate(preconditioners):
-        state = states(c)
-        caps = _query_caps(engine, state, queries, names[c])
-        dirs = [precond.directions(engine, cap) for cap in caps]
-        qnorms = None
-        if normalize == "cosine":
-            qnorms = [engine.sq_norms(cap, per_unit=layerwise).sqrt() for cap in caps]
-        per_ckpt.append((caps, dirs, qnorms))
-        del state
-    m = sum(cap.size for cap in per_ckpt[0][0])
-    # one pass over the training data per checkpoint; the consumer sums the checkpoints' terms
-    for c, (_caps, dirs, qnorms) in enumerate(per_ckpt):
-        state = states(c)
-        bar = _bar(n, f"scoring {m} queries ({names[c]})", progress)
-        for offset, batch in iterate_batches(train, device):
-            cap = engine.capture(state, batch, "loss", offset=offset, where=names[c])
-            parts = [engine.dot(cap, d, per_unit=layerwise) for d in dirs]
-            block = torch.cat(parts, dim=-2)  # [m, B] or [U, m, B]
-            if normalize:
-                assert train_norms is not None
-                tn = train_norms[c][:, offset : offset + cap.size]  # [U, B]
-                tn = tn.sqrt() if layerwise else tn.sum(0).sqrt()
-                denom = tn.unsqueeze(-2)  # [U, 1, B] or [1, B]
-                if qnorms is not None:
-                    qn = torch.cat(qnorms[: len(dirs)], dim=-1)  # [U, m] or [m]
-                    denom = denom * qn.unsqueeze(-1)
-                block = torch.where(denom > 0, block / denom.clamp_min(1e-300), 0.0)
-            if layerwise:
-                block = block.sum(0)
-            block = block * weights[c]
-            _check_finite(block, offset, names[c], "a score")
-            consume(c * n + offset, block)
-            bar.update(cap.size)
-        bar.close()
-    return m
-
-
-def stream_scores(
-    engine: ExactGradients,
-    states: Callable[[int], State],
-    weights: Sequence[float],
-    preconditioners: Sequence[Preconditioner],
-    names: Sequence[str],
-    train: DataLoader,
-    queries: DataLoader,
-    device: torch.device,
-    *,
-    n: int,
-    query_block: int,
-    normalize: Normalize = False,
-    layerwise: bool = False,
-    train_norms: Sequence[Tensor] | None = None,
-    progress: bool = True,
-) -> Iterator[Tensor]:
-    """Exact score blocks ``[m_block, n]`` (positive = the training example helps)."""
-    for block in _query_blocks(queries, device, query_block):
-        m = sum(batch_size_of(b) for _, b in block)
-        holder: list[Tensor] = []
-
-        def consume(pos: int, scores: Tensor, m: int = m, holder: list[Tensor] = holder) -> None:
-            if not holder:
-                holder.append(scores.new_zeros(m, n))
-            offset = pos % n
-            holder[0][:, offset : offset + scores.shape[1]] += scores
-
-        _block_scores(
-            engine,
-            states,
-            weights,
-            preconditioners,
-            names,
-            train,
-            block,
-            device,
-            n=n,
-            normalize=normalize,
-            layerwise=layerwise,
-            train_norms=train_norms,
-            progress=progress,
-            consume=consume,
-        )
-        yield holder[0].cpu()
-
-
-def stream_top_k(
-    engine: ExactGradients,
-    states: Callable[[int], State],
-    weights: Sequence[float],
-    preconditioners: Sequence[Preconditioner],
-    names: Sequence[str],
-    train: DataLoader,
-    queries: DataLoader,
-    device: torch.device,
-    k: int,
-    *,
-    n: int,
-    query_block: int,
-    normalize: Normalize = False,
-    layerwise: bool = False,
-    train_norms: Sequence[Tensor] | None = None,
-    progress: bool = True,
-) -> TopK:
-    """Exact top-``k`` proponents/opponents, merged on the fly: memory ``[m, k]`` plus one batch.
-
-    With one checkpoint the running top-k is merged per training batch; with several, the
-    per-checkpoint terms of a column must be summed first, so the checkpoints' partial sums are
-    kept for one block of columns at a time (``[m, n]`` only within a query block when ``C > 1``).
-    """
-    parts: list[TopK] = []
-    for block in _query_blocks(queries, device, query_block):
-        m = sum(batch_size_of(b) for _, b in block)
-        runner = RunningTopK(k)
-        partial: list[Tensor] = []
-
-        def consume(
-            pos: int,
-            scores: Tensor,
-            m: int = m,
-            runner: RunningTopK = runner,
-            partial: list[Tensor] = partial,
-        ) -> None:
-            c, offset = divmod(pos, n)
-            if len(preconditioners) == 1:
-                runner.update(offset, scores)
-                return
-            if not partial:
-                partial.append(scores.new_zeros(m, n))
-            cols = slice(offset, offset + scores.shape[1])
-            partial[0][:, cols] += scores
-            if c == len(preconditioners) - 1:
-                runner.update(offset, partial[0][:, cols])
-
-        _block_scores(
-            engine,
-            states,
-            weights,
-            preconditioners,
-            names,
-            train,
-            block,
-            device,
-            n=n,
-            normalize=normalize,
-            layerwise=layerwise,
-            train_norms=train_norms,
-            progress=progress,
-            consume=consume,
-        )
-        parts.append(runner.result())
-    return TopK.concat(parts)
-
-
-def stream_self_influence(
-    engine: ExactGradients,
-    states: Callable[[int], State],
-    weights: Sequence[float],
-    preconditioners: Sequence[Preconditioner],
-    names: Sequence[str],
-    train: DataLoader,
-    device: torch.device,
-    *,
-    n: int,
-    progress: bool = True,
-) -> Tensor:
-    """``Σ_c w_c ∇l(z, θ_c)ᵀ P_c ∇l(z, θ_c)`` for every training example, ``[n]``."""
-    out: Tensor | None = None
-    for c, precond in enumerate(preconditioners):
-        state = states(c)
-        bar = _bar(n, f"self-influence ({names[c]})", progress)
-        for offset, batch in iterate_batches(train, device):
-            cap = engine.capture(state, batch, "loss", offset=offset, where=names[c])
-            values = precond.quadratic(engine, cap) * weights[c]
-            _check_finite(values, offset, names[c], "self-influence")
-            if out is None:
-                out = values.new_zeros(n)
-            out[offset : offset + cap.size] += values
-            bar.update(cap.size)
-        bar.close()
-    if out is None:
-        raise ConfigurationError("the training data set is empty")
-    return out.cpu()
-
-
 class ExactStream:
     """The exact featurizer (``R = I``): the engine's captures, streamed; nothing stored.
 
@@ -407,43 +193,137 @@ class ExactStream:
             est.data_fingerprint_ = hasher.hexdigest()
         self._train = loader
 
-    def _args(self, est: GradientEstimator) -> dict[str, Any]:
-        return {
-            "engine": self.engine,
-            "states": est.state,
-            "weights": est.weights,
-            "preconditioners": est.preconditioners,
-            "names": est.checkpoint_names,
-            "train": self._train,
-            "device": est.device,
-            "n": est.n_train_,
-            "progress": est.progress,
-        }
-
-    def _query_args(self, est: GradientEstimator) -> dict[str, Any]:
-        return {
-            "query_block": est.query_block,
-            "normalize": est.normalize,
-            "layerwise": est.layerwise,
-            "train_norms": est.train_sq_norms_,
-        }
+    # -- the passes --------------------------------------------------------------------------------
+    def _block_scores(
+        self,
+        est: GradientEstimator,
+        queries: list[tuple[int, Any]],
+        consume: Callable[[int, Tensor], None],
+    ) -> int:
+        """Stream one block of queries: ``consume(c·n + train offset, scores [m, B])`` per
+        checkpoint ``c`` and training batch. Returns ``m``."""
+        engine, states, weights = self.engine, est.state, est.weights
+        preconditioners, names, train = est.preconditioners, est.checkpoint_names, self._train
+        device, n, progress = est.device, est.n_train_, est.progress
+        normalize, layerwise, train_norms = est.normalize, est.layerwise, est.train_sq_norms_
+        per_ckpt: list[tuple[list[Capture], list[Directions], list[Tensor] | None]] = []
+        for c, precond in enumerate(preconditioners):
+            state = states(c)
+            caps = _query_caps(engine, state, queries, names[c])
+            dirs = [precond.directions(engine, cap) for cap in caps]
+            qnorms = None
+            if normalize == "cosine":
+                qnorms = [engine.sq_norms(cap, per_unit=layerwise).sqrt() for cap in caps]
+            per_ckpt.append((caps, dirs, qnorms))
+            del state
+        m = sum(cap.size for cap in per_ckpt[0][0])
+        # one pass over the training data per checkpoint; the consumer sums the checkpoints' terms
+        for c, (_caps, dirs, qnorms) in enumerate(per_ckpt):
+            state = states(c)
+            bar = _bar(n, f"scoring {m} queries ({names[c]})", progress)
+            for offset, batch in iterate_batches(train, device):
+                cap = engine.capture(state, batch, "loss", offset=offset, where=names[c])
+                parts = [engine.dot(cap, d, per_unit=layerwise) for d in dirs]
+                block = torch.cat(parts, dim=-2)  # [m, B] or [U, m, B]
+                if normalize:
+                    assert train_norms is not None
+                    tn = train_norms[c][:, offset : offset + cap.size]  # [U, B]
+                    tn = tn.sqrt() if layerwise else tn.sum(0).sqrt()
+                    denom = tn.unsqueeze(-2)  # [U, 1, B] or [1, B]
+                    if qnorms is not None:
+                        qn = torch.cat(qnorms[: len(dirs)], dim=-1)  # [U, m] or [m]
+                        denom = denom * qn.unsqueeze(-1)
+                    block = torch.where(denom > 0, block / denom.clamp_min(1e-300), 0.0)
+                if layerwise:
+                    block = block.sum(0)
+                block = block * weights[c]
+                _check_finite(block, offset, names[c], "a score")
+                consume(c * n + offset, block)
+                bar.update(cap.size)
+            bar.close()
+        return m
 
     def score_blocks(self, est: GradientEstimator, queries: DataLoader) -> Iterator[Tensor]:
-        yield from stream_scores(queries=queries, **self._args(est), **self._query_args(est))
+        """Exact score blocks ``[m_block, n]`` (positive = the training example helps)."""
+        n = est.n_train_
+        for block in _query_blocks(queries, est.device, est.query_block):
+            m = sum(batch_size_of(b) for _, b in block)
+            holder: list[Tensor] = []
+
+            def consume(
+                pos: int, scores: Tensor, m: int = m, holder: list[Tensor] = holder
+            ) -> None:
+                if not holder:
+                    holder.append(scores.new_zeros(m, n))
+                offset = pos % n
+                holder[0][:, offset : offset + scores.shape[1]] += scores
+
+            self._block_scores(est, block, consume)
+            yield holder[0].cpu()
 
     def top_k(self, est: GradientEstimator, queries: DataLoader, k: int, method: str) -> TopK:
+        """Exact top-``k`` proponents/opponents, merged on the fly: memory ``[m, k]`` plus one
+        batch (one checkpoint), or one block's ``[m, n]`` partial sums (several checkpoints,
+        whose terms of a column must be summed before ranking)."""
         if method not in ("exact", "auto"):
             raise ConfigurationError(
                 f"top_k(method={method!r}): the exact streaming path has no index; an "
                 "approximate FAISS search needs stored features (projection= or store=)"
             )
-        return stream_top_k(queries=queries, k=k, **self._args(est), **self._query_args(est))
+        n, count = est.n_train_, len(est.preconditioners)
+        parts: list[TopK] = []
+        for block in _query_blocks(queries, est.device, est.query_block):
+            m = sum(batch_size_of(b) for _, b in block)
+            runner = RunningTopK(k)
+            partial: list[Tensor] = []
+
+            def consume(
+                pos: int,
+                scores: Tensor,
+                m: int = m,
+                runner: RunningTopK = runner,
+                partial: list[Tensor] = partial,
+            ) -> None:
+                c, offset = divmod(pos, n)
+                if count == 1:
+                    runner.update(offset, scores)
+                    return
+                if not partial:
+                    partial.append(scores.new_zeros(m, n))
+                cols = slice(offset, offset + scores.shape[1])
+                partial[0][:, cols] += scores
+                if c == count - 1:
+                    runner.update(offset, partial[0][:, cols])
+
+            self._block_scores(est, block, consume)
+            parts.append(runner.result())
+        return TopK.concat(parts)
 
     def self_influence(self, est: GradientEstimator) -> Tensor:
+        """``Σ_c w_c ∇l(z, θ_c)ᵀ P_c ∇l(z, θ_c)`` for every training example, ``[n]``: from the
+        norms ``fit`` recorded when every ``P_c = I``, else one pass per checkpoint."""
         norms = est.train_sq_norms_
         if norms is not None and all(isinstance(p, Identity) for p in est.preconditioners):
             total = torch.zeros(est.n_train_, dtype=norms[0].dtype)
             for w, sq in zip(est.weights, norms, strict=True):
                 total += w * sq.sum(0).cpu()
             return total
-        return stream_self_influence(**self._args(est))
+        engine, states, weights = self.engine, est.state, est.weights
+        preconditioners, names, train = est.preconditioners, est.checkpoint_names, self._train
+        device, n, progress = est.device, est.n_train_, est.progress
+        out: Tensor | None = None
+        for c, precond in enumerate(preconditioners):
+            state = states(c)
+            bar = _bar(n, f"self-influence ({names[c]})", progress)
+            for offset, batch in iterate_batches(train, device):
+                cap = engine.capture(state, batch, "loss", offset=offset, where=names[c])
+                values = precond.quadratic(engine, cap) * weights[c]
+                _check_finite(values, offset, names[c], "self-influence")
+                if out is None:
+                    out = values.new_zeros(n)
+                out[offset : offset + cap.size] += values
+                bar.update(cap.size)
+            bar.close()
+        if out is None:
+            raise ConfigurationError("the training data set is empty")
+        return out.cpu()
