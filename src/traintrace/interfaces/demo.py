@@ -88,11 +88,15 @@ class DemoResult:
     n_flipped: int
     detection: dict[str, tt.MislabelDetection]
     timings: dict[str, float] = field(default_factory=dict)
+    #: how the summary names the demo, its model and its examples
+    title: str = "traintrace demo"
+    model: str = "LeNet on digits"
+    examples: str = "training images"
 
     def summary(self) -> str:
         lines = [
-            f"traintrace demo — report written to {self.report}",
-            f"  LeNet on digits: {self.n_train} training images, {self.n_flipped} labels flipped, "
+            f"{self.title} — report written to {self.report}",
+            f"  {self.model}: {self.n_train} {self.examples}, {self.n_flipped} labels flipped, "
             f"test accuracy {self.test_accuracy:.1%}",
             "  Finding the flipped labels by inspecting the top of each ranking:",
             f"    {'ranking':<28}{'5%':>7}{'10%':>7}{'20%':>7}{'AUROC':>8}",

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,12 +29,12 @@ from tqdm.auto import tqdm
 
 import traintrace as tt
 from traintrace.interfaces.config import check_output_dir, check_seed
+from traintrace.interfaces.demo import DemoResult
 
 __all__ = [
     "INTENTS",
     "IntentClassifier",
     "TextDemoConfig",
-    "TextDemoResult",
     "Vocabulary",
     "intent_dataset",
     "run_text_demo",
@@ -185,34 +185,6 @@ class TextDemoConfig:
                 raise tt.ConfigurationError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
-@dataclass
-class TextDemoResult:
-    """What the text demo measured (also shown in the report)."""
-
-    report: Path
-    test_accuracy: float
-    n_train: int
-    n_flipped: int
-    detection: dict[str, tt.MislabelDetection]
-    timings: dict[str, float] = field(default_factory=dict)
-
-    def summary(self) -> str:
-        lines = [
-            f"traintrace text demo — report written to {self.report}",
-            f"  intent classifier: {self.n_train} training sentences, {self.n_flipped} labels "
-            f"flipped, test accuracy {self.test_accuracy:.1%}",
-            "  Finding the flipped labels by inspecting the top of each ranking:",
-            f"    {'ranking':<28}{'5%':>7}{'10%':>7}{'20%':>7}{'AUROC':>8}",
-        ]
-        for name, det in self.detection.items():
-            r = det.recall
-            lines.append(
-                f"    {name:<28}{r[0.05]:>7.1%}{r[0.1]:>7.1%}{r[0.2]:>7.1%}{det.auroc:>8.3f}"
-            )
-        lines.append("  time: " + ", ".join(f"{k} {v:.1f}s" for k, v in self.timings.items()))
-        return "\n".join(lines)
-
-
 def _train(cfg: TextDemoConfig, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[Path]:
     """SGD with momentum; saves model + optimizer state (so TracIn reads η) at checkpoints."""
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9)
@@ -254,7 +226,7 @@ def _pick_queries(
     return first + sorted(wrong[:n_wrong] + right[: count - len(first) - n_wrong])
 
 
-def run_text_demo(cfg: TextDemoConfig | None = None) -> TextDemoResult:
+def run_text_demo(cfg: TextDemoConfig | None = None) -> DemoResult:
     """Run the text demo and write the report. Returns the measured figures."""
     cfg = cfg or TextDemoConfig()
     timings: dict[str, float] = {}
@@ -340,4 +312,14 @@ def run_text_demo(cfg: TextDemoConfig | None = None) -> TextDemoResult:
         ),
     )
     timings["total"] = time.perf_counter() - t0
-    return TextDemoResult(path, test_acc, cfg.n_train, int(flipped.sum()), detection, timings)
+    return DemoResult(
+        path,
+        test_acc,
+        cfg.n_train,
+        int(flipped.sum()),
+        detection,
+        timings,
+        title="traintrace text demo",
+        model="intent classifier",
+        examples="training sentences",
+    )
