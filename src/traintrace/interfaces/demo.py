@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -65,17 +66,20 @@ class DemoConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        self.output = check_output_dir(self.output)
-        check_seed(self.seed)
-        if self.epochs < self.checkpoints or self.checkpoints < 1:
-            raise tt.ConfigurationError(
-                f"need epochs >= checkpoints >= 1, got epochs={self.epochs}, "
-                f"checkpoints={self.checkpoints}"
-            )
-        if not 0 < self.flip_fraction < 1:
-            raise tt.ConfigurationError(
-                f"flip_fraction must be in (0, 1), got {self.flip_fraction}"
-            )
+        check_demo(self)
+
+
+def check_demo(cfg: Any) -> None:
+    """The checks every demo configuration shares: output folder, seed, schedule, flips."""
+    cfg.output = check_output_dir(cfg.output)
+    check_seed(cfg.seed)
+    if cfg.epochs < cfg.checkpoints or cfg.checkpoints < 1:
+        raise tt.ConfigurationError(
+            f"need epochs >= checkpoints >= 1, got epochs={cfg.epochs}, "
+            f"checkpoints={cfg.checkpoints}"
+        )
+    if not 0 < cfg.flip_fraction < 1:
+        raise tt.ConfigurationError(f"flip_fraction must be in (0, 1), got {cfg.flip_fraction}")
 
 
 @dataclass

@@ -28,8 +28,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
 import traintrace as tt
-from traintrace.interfaces.config import check_output_dir, check_seed
-from traintrace.interfaces.demo import DemoResult
+from traintrace.interfaces.demo import DemoResult, check_demo
 
 __all__ = [
     "INTENTS",
@@ -169,17 +168,7 @@ class TextDemoConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        self.output = check_output_dir(self.output)
-        check_seed(self.seed)
-        if self.epochs < self.checkpoints or self.checkpoints < 1:
-            raise tt.ConfigurationError(
-                f"need epochs >= checkpoints >= 1, got epochs={self.epochs}, "
-                f"checkpoints={self.checkpoints}"
-            )
-        if not 0 < self.flip_fraction < 1:
-            raise tt.ConfigurationError(
-                f"flip_fraction must be in (0, 1), got {self.flip_fraction}"
-            )
+        check_demo(self)
         for name in ("n_train", "n_test", "length", "dim", "hidden", "queries", "k"):
             if getattr(self, name) < 1:
                 raise tt.ConfigurationError(f"{name} must be >= 1, got {getattr(self, name)}")
