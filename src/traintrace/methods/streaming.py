@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from traintrace.data import DataHasher, batch_size_of, iterate_batches
 from traintrace.exceptions import ConfigurationError, NonFiniteGradientError
-from traintrace.features.engine import Directions, ExactGradients
+from traintrace.features.engine import ExactGradients
 from traintrace.features.hooks import Capture
 from traintrace.methods.preconditioners import Identity
 from traintrace.retrieval.exact import RunningTopK
@@ -206,20 +206,18 @@ class ExactStream:
         preconditioners, names, train = est.preconditioners, est.checkpoint_names, self._train
         device, n, progress = est.device, est.n_train_, est.progress
         normalize, layerwise, train_norms = est.normalize, est.layerwise, est.train_sq_norms_
-        per_ckpt: list[tuple[list[Capture], list[Directions], list[Tensor] | None]] = []
+        m = sum(batch_size_of(batch) for _, batch in queries)
+        # per checkpoint: load its state once, precondition the queries, then one pass over the
+        # training data; the consumer sums the checkpoints' terms
         for c, precond in enumerate(preconditioners):
             state = states(c)
             caps = _query_caps(engine, state, queries, names[c])
             dirs = [precond.directions(engine, cap) for cap in caps]
-            qnorms = None
+            qn = None  # the query norms of the cosine: [U, m, 1] or [m, 1]
             if normalize == "cosine":
-                qnorms = [engine.sq_norms(cap, per_unit=layerwise).sqrt() for cap in caps]
-            per_ckpt.append((caps, dirs, qnorms))
-            del state
-        m = sum(cap.size for cap in per_ckpt[0][0])
-        # one pass over the training data per checkpoint; the consumer sums the checkpoints' terms
-        for c, (_caps, dirs, qnorms) in enumerate(per_ckpt):
-            state = states(c)
+                norms = [engine.sq_norms(cap, per_unit=layerwise).sqrt() for cap in caps]
+                qn = torch.cat(norms, dim=-1).unsqueeze(-1)
+            del caps
             bar = _bar(n, f"scoring {m} queries ({names[c]})", progress)
             for offset, batch in iterate_batches(train, device):
                 cap = engine.capture(state, batch, "loss", offset=offset, where=names[c])
@@ -230,9 +228,8 @@ class ExactStream:
                     tn = train_norms[c][:, offset : offset + cap.size]  # [U, B]
                     tn = tn.sqrt() if layerwise else tn.sum(0).sqrt()
                     denom = tn.unsqueeze(-2)  # [U, 1, B] or [1, B]
-                    if qnorms is not None:
-                        qn = torch.cat(qnorms[: len(dirs)], dim=-1)  # [U, m] or [m]
-                        denom = denom * qn.unsqueeze(-1)
+                    if qn is not None:
+                        denom = denom * qn
                     block = torch.where(denom > 0, block / denom.clamp_min(1e-300), 0.0)
                 if layerwise:
                     block = block.sum(0)
@@ -241,6 +238,7 @@ class ExactStream:
                 consume(c * n + offset, block)
                 bar.update(cap.size)
             bar.close()
+            del state, dirs
         return m
 
     def score_blocks(self, est: GradientEstimator, queries: DataLoader) -> Iterator[Tensor]:
