@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from traintrace.checkpoints import model_fingerprint
-from traintrace.data import DataHasher, batch_size_of, dataset_fingerprint, iterate_batches
+from traintrace.data import DataHasher, batch_size_of, iterate_batches
 from traintrace.exceptions import ConfigurationError, FeatureMemoryError, StoreMismatchError
 from traintrace.features.projections import ProjectedGradients
 from traintrace.features.store import FeatureStore, TemporaryStoreDir, temporary_store_dir
@@ -113,9 +113,11 @@ class ProjectedStore:
         return self.features.describe()
 
     # -- fit -------------------------------------------------------------------------------------
-    def _settings(self, est: GradientEstimator, loader: DataLoader, n: int) -> dict[str, Any]:
+    def _settings(self, est: GradientEstimator, n: int) -> dict[str, Any]:
         settings = self._settings_without_data(est)
-        settings["data"] = {"n": n, "fingerprint": dataset_fingerprint(loader)}
+        # the data's content is checked chunk by chunk (a hash recorded with every chunk while
+        # featurizing, compared on resume): no separate pass over the data here
+        settings["data"] = {"n": n}
         return settings
 
     def _settings_without_data(self, est: GradientEstimator) -> dict[str, Any]:
@@ -167,7 +169,7 @@ class ProjectedStore:
             )
         return FeatureStore.open(
             path,
-            self._settings(est, loader, n),
+            self._settings(est, n),
             n=n,
             width=width,
             checkpoints=count,
