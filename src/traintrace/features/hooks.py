@@ -170,10 +170,14 @@ class HookedPass:
         self, group: _Group, role: _Role, module: nn.Module, x: Tensor, out: Tensor, lead: int
     ) -> Tensor:
         """``P_in ã_t`` for every position, ``[lead, k_in, T]``."""
-        p_rows, p_cols = self.pg._factors(group, self.dtype, self.device)
-        p = p_cols if role.out_rows else p_rows
         identity = (group.k_cols == group.cols) if role.out_rows else (group.k_rows == group.rows)
-        k = p.shape[0]
+        if identity:  # a side kept at full size: no identity matrix is formed (vocabularies)
+            p = None
+            k = group.cols if role.out_rows else group.rows
+        else:
+            p_rows, p_cols = self.pg._factors(group, self.dtype, self.device)
+            p = p_cols if role.out_rows else p_rows
+            k = p.shape[0]
         if role.type == "Embedding":
             if self.capture:  # keep the tokens: the one-hot side is never formed
                 tokens = x.reshape(lead, -1)
@@ -190,7 +194,8 @@ class HookedPass:
         else:
             positions = x[0].numel() // x.shape[-1]
         if not role.weight:  # bias only: ã = 1, d_in = 1, P_in = [[1]]
-            return p[:, -1].reshape(1, k, 1).expand(lead, k, positions)
+            ones = x.new_ones(1, 1, 1, dtype=self.dtype) if p is None else p[:, -1]
+            return ones.reshape(1, k, 1).expand(lead, k, positions)
         if role.type == "Conv2d":
             conv: nn.Conv2d = module  # type: ignore[assignment]
             xin = x.to(self.dtype)
@@ -206,6 +211,7 @@ class HookedPass:
                     ones = patches.new_ones(lead, 1, patches.shape[2])
                     patches = torch.cat([patches, ones], dim=1)
                 return patches
+            assert p is not None
             p_w = p[:, :-1] if role.bias else p
             kernel = p_w.reshape(k, conv.in_channels, *conv.kernel_size)
             p_bias = p[:, -1] if role.bias else None
@@ -258,9 +264,11 @@ class HookedPass:
         return callback
 
     def _accumulate(self, group: _Group, role: _Role, grad: Tensor, proj_in: Tensor) -> None:
-        p_rows, p_cols = self.pg._factors(group, self.dtype, self.device)
-        p_out = p_rows if role.out_rows else p_cols
         identity = (group.k_rows == group.rows) if role.out_rows else (group.k_cols == group.cols)
+        p_out = None
+        if not identity:
+            p_rows, p_cols = self.pg._factors(group, self.dtype, self.device)
+            p_out = p_rows if role.out_rows else p_cols
         b = self.size
         if role.type == "Conv2d":
             g = grad.reshape(b, grad.shape[1], -1)

@@ -1110,6 +1110,8 @@ class ProjectedGradients:
     def _project_group(self, group: _Group, named: Mapping[str, Tensor]) -> Tensor:
         """``vec(P_out G P_inᵀ)`` ``[n, k_out·k_in]`` from exact gradients of the group's params."""
         m = canonical_matrix(group, named, self._shapes)
+        if group.k_rows == group.rows and group.k_cols == group.cols:
+            return m.reshape(m.shape[0], -1)  # both sides at full size: the identity
         p_rows, p_cols = self._factors(group, m.dtype, m.device)
         if group.k_rows != group.rows:  # a side kept at full size is the identity: skip it
             m = p_rows @ m
