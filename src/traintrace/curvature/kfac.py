@@ -603,7 +603,8 @@ class KroneckerInverse:
             if block is None:
                 named = from_canonical(g, engine._group_matrix(cap, g), engine._shapes)
                 named = {
-                    n: x.to(dtype) * self._diag_inverse(n, lam, dtype) for n, x in named.items()
+                    n: x.to(dtype) * (self._diag_inverse(n, lam, dtype) * scale)
+                    for n, x in named.items()
                 }
                 dense[g.key] = canonical_matrix(g, named, engine._shapes)
                 continue
@@ -620,25 +621,26 @@ class KroneckerInverse:
             positions = sum(r.shape[-1] for r, _ in cap.terms.get(g.key, [])) or 1
             back = g.rows * g.cols * (g.rows + g.cols)  # rotating one direction back
             ahead = 10 * positions * (g.rows**2 + g.cols**2)  # rotating ~10 examples per query
+            m.mul_(w * scale)  # one pass over the m directions (w is one [rows, cols] matrix)
             if rotated and back > ahead:  # large dense layers: the training sides rotate
-                dense[g.key] = m * w
+                dense[g.key] = m
                 ref_dtype = cap.values.dtype
                 bases[g.key] = (q_s.to(ref_dtype), None if q_a is None else q_a.to(ref_dtype))
                 continue
-            m = _left(q_s, m * w)
+            m = _left(q_s, m)
             dense[g.key] = _right(m, q_a.T) if q_a is not None else m
         flat = None
         if cap.flat is not None:
             parts = [
-                cap.flat[:, sl].to(dtype) * self._diag_inverse(n, lam, dtype)
+                cap.flat[:, sl].to(dtype) * (self._diag_inverse(n, lam, dtype) * scale)
                 for n, sl in engine._dense_slices.items()
             ]
             flat = torch.cat(parts, dim=1)
         ref = cap.values.dtype
         return Directions(
             cap.size,
-            dense={k: (v * scale).to(ref) for k, v in dense.items()},
-            flat=None if flat is None else (flat * scale).to(ref),
+            dense={k: v.to(ref) for k, v in dense.items()},
+            flat=None if flat is None else flat.to(ref),
             bases=bases,
         )
 
@@ -659,10 +661,19 @@ class _Stats:
     kfac_lambda: Tensor | None = None
     Q_A: Tensor | None = None
     Q_S: Tensor | None = None
+    _cast: tuple[Tensor, Tensor | None] | None = None
 
     @property
     def name(self) -> str:
         return self.group.roles[0].module_name
+
+    def bases(self, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
+        """``(Q_S, Q_A)`` in ``dtype`` (cast once per dtype)."""
+        assert self.Q_S is not None
+        if self._cast is None or self._cast[0].dtype != dtype:
+            q_a = None if self.Q_A is None else self.Q_A.to(dtype)
+            self._cast = (self.Q_S.to(dtype), q_a)
+        return self._cast
 
 
 def _display(name: str) -> str:
@@ -700,6 +711,18 @@ def _token_sums(
     sums = torch.zeros(uniq.shape[0], rows, dtype=dtype, device=uniq.device)
     sums.index_add_(0, inverse, torch.cat(vals).to(dtype))
     return uniq, sums
+
+
+def _slice(
+    terms: list[tuple[Tensor, Tensor]], start: int, stop: int, dtype: torch.dtype
+) -> list[tuple[Tensor, Tensor]]:
+    """Examples ``start:stop`` of every term, dense sides cast to ``dtype`` (tokens kept)."""
+
+    def cut(x: Tensor) -> Tensor:
+        x = x[start:stop]
+        return x if _is_tokens(x) else x.to(dtype)
+
+    return [(cut(r), cut(c)) for r, c in terms]
 
 
 def _densify_tokens(rot: list[tuple[Tensor, Tensor]], cols: int) -> list[tuple[Tensor, Tensor]]:
@@ -850,7 +873,9 @@ class _Fitter:
                         self._start(now)
                 elif now != hooked:
                     return False
-                self._check_finite(cap, offset, where)
+                # the refit pass reads the same data: only its loss here, its Λ at the end
+                if not refit or not _finite(cap.values):
+                    self._check_finite(cap, offset, where)
                 if refit:
                     for key, terms in cap.terms.items():
                         if key in self.stats:
@@ -946,10 +971,24 @@ class _Fitter:
             else:
                 acc.diagonal().add_(counts)
             return
-        x = side.transpose(1, 2)  # [B, T, d]
-        x = x[valid] if valid is not None else x.reshape(-1, side.shape[1])
-        x = x.to(self.dtype)
-        acc.addmm_(x.T, x)
+        # the batch's Gram in the capture's precision (a float64 model stays exact), summed
+        # across batches in ``dtype``: float32 GEMMs are twice as fast as float64 ones, and one
+        # batch's sum of B·T terms loses nothing a float64 running sum would keep
+        work = torch.promote_types(side.dtype, torch.float32)
+        if valid is not None:
+            x = side.transpose(1, 2)[valid].to(work)  # [valid positions, d]
+            acc += (x.T @ x).to(acc.dtype)
+        elif side.shape[-1] == 1:
+            x = side[:, :, 0].to(work)  # [B, d] (a view of the capture's storage)
+            acc += (x.T @ x).to(acc.dtype)
+        else:
+            # Σ_b X_b X_bᵀ example by example: no transposed copy of [B·T, d] (a convolution's
+            # patches are channel-major), which costs as much as the product itself
+            x = side.to(work)
+            gram = x.new_zeros(acc.shape)
+            for example in x:
+                gram.addmm_(example, example.T)
+            acc += gram.to(acc.dtype)
 
     def _accumulate_diag(self, cap: Capture) -> None:
         """``Σ_i g_i²`` of every parameter on the diagonal path, from the capture."""
@@ -981,27 +1020,48 @@ class _Fitter:
             self.diag_sum[n] = sq if prev is None else prev + sq
 
     def _accumulate_lambda(self, st: _Stats, terms: list[tuple[Tensor, Tensor]]) -> None:
-        """EK-FAC: Λ_sum += Σ_i (Q_Sᵀ G_i Q_A)², G_i = Σ_terms Σ_t r_t c_tᵀ, from rotated sides."""
+        """EK-FAC: Λ_sum += Σ_i (Q_Sᵀ G_i Q_A)², G_i = Σ_terms Σ_t r_t c_tᵀ.
+
+        Two orders give the same rotated gradients; the cheaper one by multiply-adds per example
+        is taken: rotate the captured sides first (``T·(rows² + cols²)``, then one outer
+        product per position, or the square trick ``(r')²(c')²ᵀ`` at one position), or form
+        ``G_i`` first and rotate it (``T·rows·cols + rows·cols·(rows + cols)``, far cheaper for a
+        convolution's many positions). The rotation runs in the capture's precision (float32 for
+        a float32 model, exact for a float64 one); the squares are summed in ``dtype``.
+        """
         assert st.Q_S is not None and st.lam_sum is not None
-        rot = rotate_terms(terms, st.Q_S, st.Q_A)
         rows, cols = st.group.rows, st.group.cols
-        if st.Q_A is None and all(_is_tokens(c) for _, c in rot):
+        dense_sides = [x for term in terms for x in term if not _is_tokens(x)]
+        work = (
+            torch.promote_types(dense_sides[0].dtype, torch.float32) if dense_sides else self.dtype
+        )
+        q_s, q_a = st.bases(work)
+        if q_a is None and all(_is_tokens(c) for _, c in terms):
             # one-hot columns: entry (j, v) of example i sums r'_t over its positions with token v
-            uniq, sums = _token_sums(rot, cols, self.dtype)
-            st.lam_sum.index_add_(1, uniq % cols, (sums**2).T)
+            uniq, sums = _token_sums(rotate_terms(terms, q_s, None), cols, work)
+            st.lam_sum.index_add_(1, uniq % cols, (sums**2).T.to(st.lam_sum.dtype))
             return
-        rot = _densify_tokens(rot, cols)
-        if len(rot) == 1 and rot[0][0].shape[-1] == 1:  # one position: (r')² (c')²ᵀ
-            r, c = rot[0]
-            st.lam_sum.addmm_((r[:, :, 0] ** 2).T, c[:, :, 0] ** 2)
+        positions = sum(r.shape[-1] for r, _ in terms)
+        rotate_first = positions * (rows * rows + cols * cols + rows * cols)
+        form_first = positions * rows * cols + rows * cols * (rows + cols)
+        if len(terms) == 1 and terms[0][0].shape[-1] == 1 and not _is_tokens(terms[0][1]):
+            r, c = rotate_terms(terms, q_s, q_a)[0]  # one position: (r')² (c')²ᵀ
+            st.lam_sum += ((r[:, :, 0] ** 2).T @ c[:, :, 0] ** 2).to(st.lam_sum.dtype)
             return
-        b = rot[0][0].shape[0]
+        b = terms[0][0].shape[0]
         chunk = max(1, _CHUNK_ELEMENTS // (rows * cols))
+        if rotate_first < form_first:
+            rot = _densify_tokens(rotate_terms(terms, q_s, q_a), cols)
+            for start in range(0, b, chunk):
+                m = _form(_slice(rot, start, start + chunk, work), rows, cols)
+                st.lam_sum += (m**2).sum(dim=0).to(st.lam_sum.dtype)
+            return
         for start in range(0, b, chunk):
-            m = _form(
-                [(r[start : start + chunk], c[start : start + chunk]) for r, c in rot], rows, cols
-            )
-            st.lam_sum += (m**2).sum(dim=0)
+            m = _form(_slice(terms, start, start + chunk, work), rows, cols)
+            m = _left(q_s.T, m)
+            if q_a is not None:
+                m = _right(m, q_a)
+            st.lam_sum += (m**2).sum(dim=0).to(st.lam_sum.dtype)
 
     # -- eigendecomposition and result -----------------------------------------------------
     def _factors(self, st: _Stats) -> tuple[Tensor, Tensor]:
@@ -1041,6 +1101,12 @@ class _Fitter:
             if self.cfg.refit_eigenvalues:
                 assert st.lam_sum is not None
                 lam = st.lam_sum / denom
+                if not _finite(lam):
+                    raise NonFiniteGradientError(
+                        f"{self.method}: the refitted eigenvalues of layer '{_display(st.name)}' "
+                        "are not finite (overflow, or the data changed between the two passes); "
+                        "train or evaluate in a wider dtype and pass the same batches twice"
+                    )
             else:
                 lam = st.kfac_lambda
             assert st.Q_S is not None and lam is not None
