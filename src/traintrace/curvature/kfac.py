@@ -156,7 +156,10 @@ class KFAC:
         unsupported: what to do with selected parameters outside Linear/Conv2d/Embedding/Conv1D
             layers: ``"diagonal"`` — a diagonal Fisher block from exact per-example gradients
             (reported in ``coverage``); ``"raise"`` — :class:`ConfigurationError`.
-        dtype: floating dtype of the factors, eigenvectors and eigenvalues.
+        dtype: floating dtype of the factors' running sums, eigendecompositions, eigenvectors
+            and eigenvalues. Each batch's Gram products and eigenbasis rotations run in the
+            captured gradients' own precision (float32 for a float32 model: twice the speed,
+            as Kronfluence's defaults; exact for a float64 model) and are summed in ``dtype``.
 
     Call :meth:`prepare` to compute the factors and get a :class:`KroneckerInverse`.
     """
