@@ -238,7 +238,11 @@ def test_stochastic_lissa_approximates_the_inverse() -> None:
 
 def test_arnoldi_low_rank_projection_and_scores() -> None:
     prob = problem("mlp")
-    inverse = Arnoldi(rank=5, iterations=prob.operator.dim).prepare(prob.operator)
+    lam = prob.operator.damping
+    assert lam > 0, "test premise: a damped operator"
+    inverse = Arnoldi(rank=5, iterations=prob.operator.dim, complement="zero").prepare(
+        prob.operator
+    )
     values = torch.linalg.eigvalsh(prob.matrix)
     top = torch.argsort(values.abs(), descending=True)[:5]
     torch.testing.assert_close(inverse.eigenvalues, values[top], atol=1e-10, rtol=1e-8)
@@ -253,6 +257,24 @@ def test_arnoldi_low_rank_projection_and_scores() -> None:
     torch.testing.assert_close(
         (proj / inverse.eigenvalues) @ proj.T, grads @ inverse.solve(grads).T, atol=1e-10, rtol=1e-8
     )
+    # the default complement: the exact inverse of the damped rank-5 approximation
+    damped = Arnoldi(rank=5, iterations=prob.operator.dim).prepare(prob.operator)
+    assert damped.complement == lam
+    approx = u @ torch.diag(inverse.eigenvalues - lam) @ u.T + lam * torch.eye(u.shape[0], dtype=DT)
+    torch.testing.assert_close(
+        damped.solve(prob.rhs.T).T, torch.linalg.solve(approx, prob.rhs), atol=1e-10, rtol=1e-8
+    )
+
+
+def test_arnoldi_complement_without_damping_is_the_pseudo_inverse() -> None:
+    matrix = torch.diag(torch.arange(1.0, 6.0, dtype=torch.float64))
+    inverse = Arnoldi(rank=2, iterations=5).prepare(MatrixOperator(matrix))
+    assert inverse.complement is None  # damping 0: zero outside the top eigenvectors
+    rhs = torch.ones(5, dtype=torch.float64)
+    expected = torch.tensor([0, 0, 0, 1 / 4, 1 / 5], dtype=torch.float64)
+    torch.testing.assert_close(inverse.solve(rhs), expected)
+    with pytest.raises(ConfigurationError, match="'damping' or 'zero'"):
+        Arnoldi(complement="ones")
 
 
 def test_arnoldi_negative_eigenvalues() -> None:
@@ -451,12 +473,15 @@ def test_lissa_warns_when_its_depth_cannot_reach_the_tolerance() -> None:
         LiSSA(depth=4000, scale_iterations=2).prepare(op)
 
 
-def test_arnoldi_default_rank_is_min_of_p_and_200() -> None:
+def test_arnoldi_default_rank_is_min_of_p_and_100() -> None:
     matrix = torch.diag(torch.arange(1.0, 6.0, dtype=torch.float64))
-    inverse = Arnoldi().prepare(MatrixOperator(matrix))  # P = 5 < 200: every pair, exact
+    op = MatrixOperator(matrix, damping=0.5)
+    inverse = Arnoldi().prepare(op)  # P = 5 < 100: every pair, exact
     assert inverse.rank == 5
     rhs = torch.ones(5, dtype=torch.float64)
     torch.testing.assert_close(
-        inverse.solve(rhs), rhs / torch.arange(1.0, 6.0, dtype=torch.float64)
+        inverse.solve(rhs), rhs / (torch.arange(1.0, 6.0, dtype=torch.float64) + 0.5)
     )
-    assert Arnoldi(iterations=3).prepare(MatrixOperator(matrix)).rank == 3
+    assert Arnoldi(iterations=3).prepare(op).rank == 3
+    big = MatrixOperator(torch.diag(torch.linspace(1.0, 2.0, 150, dtype=DT)), damping=0.5)
+    assert Arnoldi().prepare(big).rank == 100

@@ -195,17 +195,35 @@ def test_arnoldi_low_rank_scores_and_self_influence_without_stored_gradients():
         progress=False,
     ).fit(TensorDataset(x, y))
     assert not hasattr(est, "store_")  # nothing of size n × P (or n × r) is stored
-    # equals the explicit formula with H⁻¹ replaced by its top-5 eigen-approximation
+    # equals the explicit formula with H⁻¹ replaced by the inverse of the damped rank-5
+    # approximation: top-5 eigenpairs, every other direction at the damping 0.5
     h = explicit_hessian(model, x, y) + 0.5 * torch.eye(43, dtype=DT)
     vals, vecs = torch.linalg.eigh(h)
     top = vals.abs().argsort(descending=True)[:5]
-    approx = vecs[:, top] @ torch.diag(1 / vals[top]) @ vecs[:, top].T
+    u = vecs[:, top]
+    approx = u @ torch.diag(1 / vals[top]) @ u.T + (torch.eye(43, dtype=DT) - u @ u.T) / 0.5
     g = loop_gradients(model, model.state_dict(), list(zip(x, y, strict=True)), ce)
     torch.testing.assert_close(
         est.self_influence(), ((g @ approx) * g).sum(1) / 24, rtol=1e-6, atol=1e-12
     )
     torch.testing.assert_close(
         est.score(TensorDataset(x, y)), (g @ approx @ g.T) / 24, rtol=1e-6, atol=1e-12
+    )
+    # the paper's formula: zero on the complement
+    est_zero = tt.InfluenceFunction(
+        model,
+        tt.Classification(),
+        tt.Checkpoint(model.state_dict()),
+        hessian=tt.Arnoldi(rank=5, iterations=43, complement="zero"),
+        damping=0.5,
+        progress=False,
+    ).fit(TensorDataset(x, y))
+    zero = u @ torch.diag(1 / vals[top]) @ u.T
+    torch.testing.assert_close(
+        est_zero.self_influence(), ((g @ zero) * g).sum(1) / 24, rtol=1e-6, atol=1e-12
+    )
+    torch.testing.assert_close(
+        est_zero.score(TensorDataset(x, y)), (g @ zero @ g.T) / 24, rtol=1e-6, atol=1e-12
     )
 
 

@@ -81,9 +81,10 @@ class InverseCurvature:
     The query gradients of a block are formed once (``m × P``), solved, and contracted densely
     per layer. Self-influence forms the training gradients ``~2^26 / P`` examples at a time.
     K-FAC/EK-FAC inverses work layer by layer from the captured factors instead (their
-    ``directions`` / ``quadratic``: rotated sides in the Kronecker eigenbasis). A low-rank inverse (Arnoldi, ``U diag(1/λ) Uᵀ``) computes self-influence from the
-    ``r`` coordinates ``Uᵀ g`` through the engine (``r`` contractions per example, no per-example
-    gradient); other inverses form each training batch's gradients and solve.
+    ``directions`` / ``quadratic``: rotated sides in the Kronecker eigenbasis). A low-rank
+    inverse (Arnoldi, ``U diag(1/λ) Uᵀ + (I − UUᵀ)/λ_c``) computes self-influence from the ``r``
+    coordinates ``Uᵀ g`` and ``‖g‖²`` through the engine (``r`` contractions per example, no
+    per-example gradient); other inverses form each training batch's gradients and solve.
     """
 
     def __init__(self, inverse: Any, scale: float) -> None:
@@ -119,7 +120,12 @@ class InverseCurvature:
                 self._basis = engine.directions_from_flat(u.T.to(cap.values.dtype))
             coords = engine.dot(cap, self._basis)  # [r, B]
             lam = self.inverse.eigenvalues.to(coords)
-            return (coords.square() / lam[:, None]).sum(0) * self.scale
+            complement = getattr(self.inverse, "complement", None)
+            if complement is None:
+                return (coords.square() / lam[:, None]).sum(0) * self.scale
+            # gᵀ(U Λ⁻¹ Uᵀ + (I − UUᵀ)/λ_c)g = Σ_j c_j² (1/λ_j − 1/λ_c) + ‖g‖²/λ_c
+            inside = (coords.square() * (1.0 / lam[:, None] - 1.0 / complement)).sum(0)
+            return (inside + engine.sq_norms(cap) / complement) * self.scale
         # form the training gradients a few at a time: at most ~2^26 numbers (256 MB) at once
         step = max(1, 2**26 // max(1, engine.layout.numel))
         parts = []
