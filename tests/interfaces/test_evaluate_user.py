@@ -341,3 +341,34 @@ def test_quick_and_a_user_config_do_not_mix(project, tmp_path, capsys):
     assert "--subsets" in capsys.readouterr().err
     assert main(["evaluate", "--retrain", "evaluser_proj:train_fn", "-q"]) == 2
     assert "missing required setting(s): model" in capsys.readouterr().err
+
+
+# -- the README's example ------------------------------------------------------------------------
+
+
+def test_the_readme_example_runs_as_documented(tmp_path, monkeypatch, capsys):
+    """examples/evaluate_own_model: README shows its TOML; the commands run (smaller here)."""
+    import runpy
+    import shutil
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    example = root / "examples" / "evaluate_own_model"
+    toml = (example / "evaluate.toml").read_text()
+    assert "```toml\n" + toml + "```" in (root / "README.md").read_text()
+    for name in ("digits_mlp.py", "evaluate.toml"):
+        shutil.copy(example / name, tmp_path / name)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "digits_mlp", raising=False)
+    runpy.run_path(str(tmp_path / "digits_mlp.py"), run_name="__main__")  # python digits_mlp.py
+    assert len(list((tmp_path / "ckpt").glob("step_*.pt"))) == 5
+    small = ["--subsets", "4", "--seeds-per-subset", "1", "--workers", "1", "-q"]
+    status = main(
+        ["evaluate", "--config", "evaluate.toml", *small, "--estimators", "tracin", "kfac"]
+    )
+    assert status == 0
+    printed = capsys.readouterr().out
+    assert "TracIn" in printed and "IF K-FAC" in printed
+    assert (tmp_path / "evaluate-output" / "report.html").is_file()

@@ -665,9 +665,10 @@ def _user_estimators(
         return estimate
 
     def damping_note(est: Any) -> str:
-        damping = getattr(est, "damping_", None)
-        reason = getattr(est, "damping_reason_", "")
-        return reason if damping is None else f"damping {damping:.3g} ({reason})"
+        if getattr(est, "damping_", None) is None:  # K-FAC / EK-FAC: the config's own damping
+            config = est.hessian
+            return f"damping {config.damping:g} ({config.damping_scale}, the config's)"
+        return f"damping {est.damping_:.3g} ({est.damping_reason_.split(':')[0]})"
 
     def influence(hessian: Callable[[], Any]) -> Estimate:
         return fitted(
@@ -691,7 +692,7 @@ def _user_estimators(
             "TRAK",
             fitted(
                 lambda: tt.TRAK(model, task, [final], **common),
-                lambda est: f"1 model, projection {est.projection_}",
+                lambda est: f"1 model, {est.projection_.kind} projection k={est.projection_.dim}",
             ),
         ),
         "representer": (
