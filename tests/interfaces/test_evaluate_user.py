@@ -65,6 +65,12 @@ def _fit(model, x, y, steps):
 
 
 def train_fn(indices, seed):
+    import os
+
+    if os.path.exists(CALLS + ".stop"):  # the test's stand-in for kill -9 mid-run
+        done = len(open(CALLS).read().splitlines()) if os.path.exists(CALLS) else 0
+        if done >= int(open(CALLS + ".stop").read()):
+            raise KeyboardInterrupt
     with open(CALLS, "a") as fh:
         fh.write(f"{{len(indices)}} {{seed}}\\n")
     torch.manual_seed(seed)
@@ -230,20 +236,71 @@ def test_cli_ranks_every_estimator_and_lds_matches_an_independent_computation(
     assert len(list((out / "retrains").glob("*.npz"))) == 12
 
 
-def test_python_function_with_loo(project, tmp_path):
+def test_python_function_with_loo_and_a_trak_ensemble(project, tmp_path):
     folder, calls = project
-    cfg = _config(folder, tmp_path, loo_examples=3, estimators=("tracin", "ekfac"))
+    cfg = _config(
+        folder, tmp_path, loo_examples=3, estimators=("tracin", "ekfac", "trak"), trak_models=2
+    )
     before = _count(calls)
     result = run_evaluation(cfg)
-    # 6 subsets + LOO: one retrain on everything and one without each of 3 examples
-    assert _count(calls) - before == 6 + 1 + 3
-    assert [r.estimator for r in result.rows] == ["TracIn", "IF EK-FAC"]
-    assert result.ranked()[0].lds >= result.ranked()[1].lds
+    # 6 subsets + LOO (one retrain on everything, one without each of 3 examples) + one more
+    # model on everything for TRAK's ensemble
+    assert _count(calls) - before == 6 + 1 + 3 + 1
+    assert [r.estimator for r in result.rows] == ["TracIn", "IF EK-FAC", "TRAK"]
+    assert result.ranked()[0].lds >= result.ranked()[1].lds >= result.ranked()[2].lds
     for r in result.rows:
         assert -1 <= r.lds <= 1 and r.seconds >= 0
         assert r.loo_pearson is not None and math.isfinite(r.loo_pearson)
+    assert result.rows[2].note.startswith("2 model(s), gaussian projection")
     assert "LOO r" in result.table() and "mislabel" not in result.table()
     assert result.settings["experiment"].startswith("evaluate evaluser_proj:train_fn ")
+    # the LOO columns are the actual leave-one-out changes, recomputed from train_fn here
+    mod = __import__("evaluser_proj")
+    queries = mod.test_set().tensors
+    columns = np.random.default_rng([0, 7]).choice(40, 3, replace=False)
+
+    def losses(model):
+        return torch.nn.functional.cross_entropy(model(queries[0]), queries[1], reduction="none")
+
+    everything = np.arange(40)
+    actual = (
+        torch.stack([losses(mod.train_fn(np.delete(everything, i), 0)) for i in columns], dim=1)
+        - losses(mod.train_fn(everything, 0))[:, None]
+    )
+    scores = (
+        tt.TracIn(
+            mod.make_model(),
+            tt.Classification(),
+            [tt.Checkpoint(str(folder / "ckpt" / f"epoch_{e}.pt")) for e in (1, 2, 3)],
+            progress=False,
+        )
+        .fit(mod.train_set())
+        .score(mod.test_set())
+    )
+    expected = tt.evaluate.loo_correlation(scores[:, columns], actual.detach().double())
+    assert result.rows[0].loo_pearson == pytest.approx(float(expected.pearson), abs=1e-9)
+    # a rerun retrains nothing (subsets, LOO and TRAK's extra model all come from disk)
+    before = _count(calls)
+    again = run_evaluation(cfg)
+    assert _count(calls) == before
+    assert [r.lds for r in again.rows] == pytest.approx([r.lds for r in result.rows], abs=1e-12)
+
+
+def test_an_interrupted_evaluation_resumes_where_it_stopped(project, tmp_path):
+    folder, calls = project
+    cfg = _config(folder, tmp_path, estimators=("tracin",))
+    before = _count(calls)
+    stop = calls.with_name(calls.name + ".stop")
+    stop.write_text(str(before + 4))  # the 5th retrain is interrupted
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            evaluate_user_model(cfg)
+    finally:
+        stop.unlink()
+    assert _count(calls) - before == 4
+    assert len(list((tmp_path / "retrains").glob("*.npz"))) == 4  # each finished run kept
+    evaluate_user_model(cfg)
+    assert _count(calls) - before == 6  # only the 2 missing retrains ran
 
 
 def test_the_checked_train_fn_goes_to_worker_processes(project):

@@ -269,7 +269,7 @@ EVALUATE_ESTIMATORS = {
     "ekfac": "InfluenceFunction(hessian=EKFAC()) at the last checkpoint",
     "kfac": "InfluenceFunction(hessian=KFAC()) at the last checkpoint",
     "arnoldi": "InfluenceFunction(hessian=Arnoldi()) at the last checkpoint",
-    "trak": "TRAK on the last checkpoint, projection 'auto'",
+    "trak": "TRAK on the last checkpoint (and trak_models - 1 retrained models), projection 'auto'",
     "representer": "RepresenterPoints at the last checkpoint (classification only)",
     "exact": "InfluenceFunction() (exact Hessian, up to 20,000 parameters) at the last checkpoint",
     "lissa": "InfluenceFunction(hessian=LiSSA()) at the last checkpoint",
@@ -337,13 +337,22 @@ class EvaluateUserConfig:
         help="also correlate with leave-one-out retraining on this many random training "
         "examples (one retrain each, plus one on everything; 0: no LOO columns)",
     )
-    workers: int = _f(1, help="retraining processes (1: in this process)")
+    workers: int = _f(
+        1, help="retraining processes (1: in this process; the built-in digits run defaults to 2)"
+    )
+    trak_models: int = _f(
+        1,
+        help="TRAK's ensemble: the last checkpoint plus trak_models - 1 models trained by retrain "
+        "on the whole training set (seeds 1, 2, ...; kept in <output>/models)",
+    )
     estimators: tuple[str, ...] = _f(
         DEFAULT_EVALUATE_ESTIMATORS,
         help=f"which estimators to rank, of {', '.join(EVALUATE_ESTIMATORS)}",
         metavar="NAME",
     )
-    seed: int = _f(0, help="seed of the subsets, their training seeds and the projections (>= 0)")
+    seed: int = _f(
+        0, help="seed of the subsets and their training seeds (built-in run: data and training)"
+    )
     # -- outputs ---------------------------------------------------------------------------------
     output: Path = _f(  # noqa: RUF009
         Path("evaluate-output"),
@@ -363,7 +372,7 @@ class EvaluateUserConfig:
             )
         check_spec(self.retrain, "retrain")
         self.run_config()  # the RunConfig checks of the shared keys
-        for name in ("subsets", "seeds_per_subset", "workers"):
+        for name in ("subsets", "seeds_per_subset", "workers", "trak_models"):
             if getattr(self, name) < 1:
                 raise ConfigurationError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.subsets < 3:

@@ -649,10 +649,31 @@ def experiment_name(cfg: EvaluateUserConfig, n_train: int, n_query: int) -> str:
     return f"evaluate {cfg.retrain} {h.hexdigest()[:16]}"
 
 
+def _ensemble_member(
+    cfg: EvaluateUserConfig, train_fn: CheckedTrainFn, n_train: int, experiment: str, seed: int
+) -> tt.Checkpoint:
+    """A model trained by ``train_fn`` on everything with ``seed``, saved once per experiment."""
+    tag = hashlib.sha256(experiment.encode()).hexdigest()[:16]
+    path = cfg.output / "models" / f"{tag}-seed{seed}.pt"
+    if not path.exists():
+        state = train_fn(np.arange(n_train, dtype=np.int64), seed).state_dict()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save({k: v.detach().cpu() for k, v in state.items()}, tmp)
+        tmp.replace(path)  # atomic: a killed run never leaves half a file
+    return tt.Checkpoint(str(path), name=f"retrained seed {seed}")
+
+
 def _user_estimators(
-    cfg: EvaluateUserConfig, run: Any, final: tt.Checkpoint
+    cfg: EvaluateUserConfig,
+    run: Any,
+    final: tt.Checkpoint,
+    ensemble: Callable[[], list[tt.Checkpoint]],
 ) -> dict[str, Estimate]:
-    """The estimators chosen in ``cfg.estimators``, each at its defaults, by display name."""
+    """The estimators chosen in ``cfg.estimators``, each at its defaults, by display name.
+
+    ``ensemble()``: TRAK's checkpoints (the last one, then ``trak_models - 1`` retrained).
+    """
     model, task, train, queries = run.model, run.task, run.train, run.queries
     common = {"batch_size": cfg.batch_size, "progress": cfg.progress}
 
@@ -691,8 +712,11 @@ def _user_estimators(
         "trak": (
             "TRAK",
             fitted(
-                lambda: tt.TRAK(model, task, [final], **common),
-                lambda est: f"1 model, {est.projection_.kind} projection k={est.projection_.dim}",
+                lambda: tt.TRAK(model, task, ensemble(), **common),
+                lambda est: (
+                    f"{len(est.checkpoints)} model(s), {est.projection_.kind} projection "
+                    f"k={est.projection_.dim}"
+                ),
             ),
         ),
         "representer": (
@@ -753,9 +777,9 @@ def evaluate_user_model(cfg: EvaluateUserConfig) -> EvaluationResult:
        with the reason.
 
     Writes ``results.json`` and ``report.html`` into ``cfg.output`` and returns the ranking.
-    Cost: ``subsets × seeds_per_subset`` (+ ``seeds_per_subset · (loo_examples + 1)``) calls of
-    ``train_fn`` — a rerun with the same settings loads them from the cache — plus one fit and
-    score per estimator.
+    Cost: ``subsets × seeds_per_subset`` (+ ``seeds_per_subset · (loo_examples + 1)``, +
+    ``trak_models − 1``) calls of ``train_fn`` — a rerun with the same settings loads them from
+    the cache — plus one fit and score per estimator (TRAK's time includes its extra models).
 
     Raises:
         ConfigurationError: a spec that cannot be imported, ``retrain`` not callable, subsets
@@ -810,15 +834,21 @@ def evaluate_user_model(cfg: EvaluateUserConfig) -> EvaluationResult:
     measure = tt.query_measurement(task, queries, batch_size=cfg.batch_size)
     _check_measure(measure, model, final, cfg, n_query)
     experiment = experiment_name(cfg, n_train, n_query)
-    retrainer = tt.Retrainer(
-        CheckedTrainFn(train_fn, cfg.retrain),  # type: ignore[arg-type]
-        measure,
-        executor="processes" if cfg.workers > 1 else None,
-        max_workers=cfg.workers,
-        cache_dir=cfg.output / "retrains",
-        experiment=experiment,
-        progress=cfg.progress,
-    )
+    checked = CheckedTrainFn(train_fn, cfg.retrain)  # type: ignore[arg-type]
+    try:
+        retrainer = tt.Retrainer(
+            checked,
+            measure,
+            executor="processes" if cfg.workers > 1 else None,
+            max_workers=cfg.workers,
+            cache_dir=cfg.output / "retrains",
+            experiment=experiment,
+            progress=cfg.progress,
+        )
+    except tt.ConfigurationError as exc:  # e.g. unpicklable data for the worker processes
+        raise tt.ConfigurationError(
+            f"{exc}\nFor traintrace evaluate: workers = 1 (--workers 1) retrains in this process"
+        ) from exc
     n_runs = cfg.subsets * cfg.seeds_per_subset
     log(
         f"ground truth: {cfg.subsets} subsets of {subset_size}/{n_train} training examples × "
@@ -842,7 +872,13 @@ def evaluate_user_model(cfg: EvaluateUserConfig) -> EvaluationResult:
         seeds = tuple(range(cfg.seeds_per_subset))
         actual = tt.LeaveOneOut(retrainer, n_train, indices=columns, seeds=seeds).fit().score()
         loo = (columns, actual[:, columns])
-    rows = _rank(_user_estimators(cfg, run, final), subsets, loo=loo, progress=cfg.progress)
+
+    def ensemble() -> list[tt.Checkpoint]:
+        seeds = range(1, cfg.trak_models)
+        return [final] + [_ensemble_member(cfg, checked, n_train, experiment, s) for s in seeds]
+
+    estimates = _user_estimators(cfg, run, final, ensemble)
+    rows = _rank(estimates, subsets, loo=loo, progress=cfg.progress)
     settings = {
         **asdict(cfg),
         "output": str(cfg.output),
