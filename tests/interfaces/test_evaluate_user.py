@@ -92,6 +92,44 @@ def train_fn_longer(indices, seed):
     return model
 
 
+def make_regressor():
+    return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 1)).double()
+
+
+def _regression_data(n, seed):
+    x, _ = _data(n, seed)
+    return TensorDataset(x, torch.sin(2 * x[:, 0]) + 0.5 * x[:, 1])
+
+
+def regression_train():
+    return _regression_data(40, 0)
+
+
+def regression_test():
+    return _regression_data(5, 1)
+
+
+def regression_train_fn(indices, seed):
+    torch.manual_seed(seed)
+    model = make_regressor()
+    x, y = regression_train().tensors
+    idx = torch.as_tensor(indices)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(40):
+        opt.zero_grad()
+        ((model(x[idx]).squeeze(1) - y[idx]) ** 2).mean().backward()
+        opt.step()
+    return model
+
+
+def save_regression_checkpoints(folder):
+    import os
+
+    os.makedirs(folder, exist_ok=True)
+    model = regression_train_fn(np.arange(40), 0)
+    torch.save(model.state_dict(), os.path.join(folder, "final.pt"))
+
+
 def returns_state(indices, seed):
     return train_fn(indices, seed).state_dict()
 
@@ -128,7 +166,9 @@ def project(tmp_path_factory):
     (folder / "evaluser_proj.py").write_text(textwrap.dedent(PROJECT.format(calls=str(calls))))
     sys.path.insert(0, str(folder))
     try:
-        importlib.import_module("evaluser_proj").save_checkpoints(str(folder / "ckpt"))
+        mod = importlib.import_module("evaluser_proj")
+        mod.save_checkpoints(str(folder / "ckpt"))
+        mod.save_regression_checkpoints(str(folder / "regression"))
     finally:
         sys.path.remove(str(folder))
     calls.unlink(missing_ok=True)
@@ -301,6 +341,51 @@ def test_an_interrupted_evaluation_resumes_where_it_stopped(project, tmp_path):
     assert len(list((tmp_path / "retrains").glob("*.npz"))) == 4  # each finished run kept
     evaluate_user_model(cfg)
     assert _count(calls) - before == 6  # only the 2 missing retrains ran
+
+
+def test_a_regression_model_where_representer_points_do_not_apply(project, tmp_path):
+    folder, _ = project
+    cfg = _config(
+        folder,
+        tmp_path,
+        model="evaluser_proj:make_regressor",
+        train="evaluser_proj:regression_train",
+        queries="evaluser_proj:regression_test",
+        checkpoints=str(folder / "regression" / "*.pt"),  # no optimizer state: TracIn needs lr
+        retrain="evaluser_proj:regression_train_fn",
+        task="regression",
+    )
+    result = evaluate_user_model(cfg)
+    rows = {r.estimator: r for r in result.rows}
+    assert len(rows) == len(DEFAULT_EVALUATE_ESTIMATORS)
+    # refusals are rows with the named error, the rest are ranked
+    assert "ConfigurationError" in rows["Representer points"].note
+    assert "Classification" in rows["Representer points"].note
+    assert "has no learning rate" in rows["TracIn"].note and "--lr" in rows["TracIn"].note
+    for name in ("IF CG", "IF EK-FAC", "IF K-FAC", "IF Arnoldi", "TRAK"):
+        assert math.isfinite(rows[name].lds), result.table()
+    assert {r.estimator for r in result.ranked()[-2:]} == {"Representer points", "TracIn"}
+
+
+def test_the_experiment_name_follows_the_specs_and_the_source(project, tmp_path):
+    from traintrace.interfaces.evaluate import experiment_name
+
+    folder, _ = project
+    cfg = _config(folder, tmp_path)
+    __import__("evaluser_proj")
+    name = experiment_name(cfg, 40, 5)
+    assert name == experiment_name(_config(folder, tmp_path / "elsewhere", workers=2), 40, 5)
+    assert name != experiment_name(_config(folder, tmp_path, retrain="evaluser_proj:f"), 40, 5)
+    assert name != experiment_name(_config(folder, tmp_path, measurement="margin"), 40, 5)
+    assert name != experiment_name(cfg, 41, 5)
+    source = folder / "evaluser_proj.py"
+    original = source.read_text()
+    try:  # an edit of the user's module (e.g. more training steps) is another experiment
+        source.write_text(original.replace("_fit(model, x[idx], y[idx], 30)", "_fit(m, 31)"))
+        assert experiment_name(cfg, 40, 5) != name
+    finally:
+        source.write_text(original)
+    assert experiment_name(cfg, 40, 5) == name
 
 
 def test_the_checked_train_fn_goes_to_worker_processes(project):

@@ -9,9 +9,13 @@ Commands on the user's own model and data (flags generated from
     traintrace self-influence ...                              # self_influence.csv, .npy
     traintrace report         ... --queries pkg.mod:test       # report.html
 
-and the built-in ``demo`` (``--text`` for the text demo) and ``evaluate``. A user error (a named
-:class:`~traintrace.TraintraceError`) prints its message and exits with status 2, without a
-traceback.
+``traintrace evaluate --config my.toml`` ranks every estimator on the same model by the LDS
+against retrains by the user's ``retrain = "pkg.mod:train_fn"`` (flags and keys generated from
+:class:`~traintrace.interfaces.config.EvaluateUserConfig`); without a config or model flags it
+runs the built-in digits evaluation. Also the built-in ``demo`` (``--text``: the text demo).
+
+A user error (a named :class:`~traintrace.TraintraceError`) prints its message and exits with
+status 2, without a traceback.
 
 Adding a command is one entry in :data:`SUBCOMMANDS`: a name, a help line, a config dataclass
 (its fields become the flags and the TOML keys) and a function of the config object::
