@@ -44,6 +44,7 @@ import copy
 import hashlib
 import json
 import math
+import re
 import sys
 import time
 import warnings
@@ -313,7 +314,7 @@ def _rank(
             for w in caught:  # shown as usual, and traintrace's own in the row's note
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
                 if issubclass(w.category, (tt.ConvergenceWarning, tt.TraintraceWarning)):
-                    first = str(w.message).split(". ")[0]
+                    first = re.split(r"[:.] ", str(w.message))[0][:100]
                     out.note = "; ".join(
                         filter(None, [out.note, f"{w.category.__name__}: {first}"])
                     )
