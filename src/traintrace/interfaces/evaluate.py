@@ -890,15 +890,20 @@ def evaluate_user_model(cfg: EvaluateUserConfig) -> EvaluationResult:
         "experiment": experiment,
         "checkpoint": final.name,
     }
+    helps = (
+        "raises its logit margin"
+        if cfg.measurement == "margin"
+        else "lowers its loss, the task's measurement"
+    )
     paragraphs = [
         f"Model {cfg.model}, training set {cfg.train} ({n_train} examples), queries "
         f"{cfg.queries} ({n_query}), task {cfg.task}, checkpoints {cfg.checkpoints} (TracIn: "
         f"every one; the other estimators: the last, {final.name}); every estimator at its "
-        "defaults. Scores: positive = the training example lowers the query's loss.",
+        f"defaults. Scores: positive = the training example helps the query ({helps}).",
         f"Ground truth: {cfg.subsets} random subsets of {subset_size} training examples, each "
         f"retrained by {cfg.retrain} with {cfg.seeds_per_subset} seed(s) and the queries' "
-        "measurement averaged; LDS = Spearman correlation per query between the measured loss "
-        "and the loss the scores predict for each subset, mean over queries"
+        "measurement averaged; LDS = Spearman correlation per query between the measured value "
+        "and the value the scores predict for each subset, mean over queries"
         + (
             f"; LOO over {cfg.loo_examples} retrains without one example"
             if cfg.loo_examples
