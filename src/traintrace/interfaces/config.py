@@ -34,6 +34,7 @@ from typing import Any, Literal
 from traintrace.exceptions import ConfigurationError
 
 __all__ = [
+    "EvaluateUserConfig",
     "RunConfig",
     "add_config_arguments",
     "check_output_dir",
@@ -246,6 +247,171 @@ class RunConfig:
         if self.damping is not None and not (math.isfinite(self.damping) and self.damping >= 0):
             raise ConfigurationError(f"damping must be finite and >= 0, got {self.damping}")
         self.output = check_output_dir(self.output)
+
+
+def _field_of(cls: type, name: str, default: Any = None, help: str | None = None) -> Any:
+    """The field ``name`` of the dataclass ``cls`` again (its help and metavar), for another one.
+
+    ``default`` (if not None) and ``help`` (if given) replace the original ones.
+    """
+    f = cls.__dataclass_fields__[name]
+    return _f(
+        f.default if default is None else default,
+        help=f.metadata["help"] if help is None else help,
+        metavar=f.metadata["metavar"],
+    )
+
+
+#: Keys of :attr:`EvaluateUserConfig.estimators` and what each runs (every one at its defaults).
+EVALUATE_ESTIMATORS = {
+    "tracin": "TracIn over every checkpoint",
+    "cg": "InfluenceFunction(hessian=CG()) at the last checkpoint, damping 'auto'",
+    "ekfac": "InfluenceFunction(hessian=EKFAC()) at the last checkpoint",
+    "kfac": "InfluenceFunction(hessian=KFAC()) at the last checkpoint",
+    "arnoldi": "InfluenceFunction(hessian=Arnoldi()) at the last checkpoint",
+    "trak": "TRAK on the last checkpoint (and trak_models - 1 retrained models), projection 'auto'",
+    "representer": "RepresenterPoints at the last checkpoint (classification only)",
+    "exact": "InfluenceFunction() (exact Hessian, up to 20,000 parameters) at the last checkpoint",
+    "lissa": "InfluenceFunction(hessian=LiSSA()) at the last checkpoint",
+}
+#: What ``traintrace evaluate --config`` runs when ``estimators`` is not given. ``exact`` (P
+#: Hessian-vector passes) and ``lissa`` (many stochastic passes) are left out: opt in by name.
+DEFAULT_EVALUATE_ESTIMATORS = ("tracin", "cg", "ekfac", "kfac", "arnoldi", "trak", "representer")
+
+
+@dataclass(kw_only=True)
+class EvaluateUserConfig:
+    """``traintrace evaluate --config my.toml``: rank the estimators on the user's own model.
+
+    The user's model, data, checkpoints and task are named with the same keys as
+    :class:`RunConfig` (and resolved by the same :class:`~traintrace.interfaces.run.Run`);
+    ``retrain`` adds the training function that gives the ground truth::
+
+        def train_fn(indices: numpy.ndarray, seed: int) -> torch.nn.Module:
+            \"\"\"A fresh model trained on the training examples at ``indices`` (int64
+            positions in the ``train`` data set), deterministic given ``seed``.\"\"\"
+
+    Ground truth: ``subsets`` random subsets of ``subset_fraction · n_train`` training examples,
+    each retrained with ``seeds_per_subset`` seeds (``subsets × seeds_per_subset`` calls of
+    ``train_fn``), the queries' oriented measurement (the task's, lower is better) averaged over
+    the seeds. Every estimator's scores ``[n_query, n_train]`` are judged by the linear
+    datamodeling score against it (:func:`traintrace.evaluate.lds`). The retrains are cached in
+    ``<output>/retrains`` under an experiment name hashed from ``model``, ``train``,
+    ``queries``, ``retrain``, ``task`` and the source of their modules, so a killed run
+    resumes and a changed one never reads a stale measurement.
+    """
+
+    # -- the user's code (the keys of RunConfig) -------------------------------------------------
+    model: str = _field_of(RunConfig, "model")
+    train: str = _field_of(RunConfig, "train")
+    checkpoints: str = _field_of(
+        RunConfig,
+        "checkpoints",
+        help="glob of the model's checkpoint files (torch.save), e.g. 'ckpt/*.pt': TracIn uses "
+        "every one, the other estimators the last (sorted by name, numbers as numbers)",
+    )
+    queries: str = _field_of(
+        RunConfig,
+        "queries",
+        default=dataclasses.MISSING,
+        help="'pkg.mod:fn' returning the query data set whose measurements are explained",
+    )
+    retrain: str | None = _f(
+        None,
+        help="'pkg.mod:train_fn' (required): train_fn(indices, seed) -> torch.nn.Module, a fresh "
+        "model trained on the training examples at indices (a 1-D int64 numpy array), "
+        "deterministic given seed",
+        metavar="PKG.MOD:FN",
+    )
+    task: str = _field_of(RunConfig, "task")
+    measurement: Literal["loss", "margin"] = _field_of(RunConfig, "measurement")
+    path: tuple[str, ...] = _field_of(RunConfig, "path")
+    lr: tuple[float, ...] | None = _field_of(RunConfig, "lr")
+    batch_size: int = _field_of(RunConfig, "batch_size")
+    # -- the ground truth ------------------------------------------------------------------------
+    subsets: int = _f(64, help="random training subsets retrained for the LDS (>= 3)")
+    seeds_per_subset: int = _f(2, help="training seeds per subset, measurements averaged")
+    subset_fraction: float = _f(0.5, help="fraction of the training set in each subset")
+    loo_examples: int = _f(
+        0,
+        help="also correlate with leave-one-out retraining on this many random training "
+        "examples (one retrain each, plus one on everything; 0: no LOO columns)",
+    )
+    workers: int = _f(
+        1, help="retraining processes (1: in this process; the built-in digits run defaults to 2)"
+    )
+    trak_models: int = _f(
+        1,
+        help="TRAK's ensemble: the last checkpoint plus trak_models - 1 models trained by retrain "
+        "on the whole training set (seeds 1, 2, ...; kept in <output>/models)",
+    )
+    estimators: tuple[str, ...] = _f(
+        DEFAULT_EVALUATE_ESTIMATORS,
+        help=f"which estimators to rank, of {', '.join(EVALUATE_ESTIMATORS)}",
+        metavar="NAME",
+    )
+    seed: int = _f(
+        0, help="seed of the subsets and their training seeds (built-in run: data and training)"
+    )
+    # -- outputs ---------------------------------------------------------------------------------
+    output: Path = _f(  # noqa: RUF009
+        Path("evaluate-output"),
+        help="folder for results.json, report.html, lds_subsets.npz and the retrain cache",
+    )
+    progress: bool = _field_of(RunConfig, "progress")
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        if self.retrain is None:
+            raise ConfigurationError(
+                "evaluating your own model needs retrain = 'pkg.mod:train_fn' (--retrain): a "
+                "function train_fn(indices, seed) -> torch.nn.Module that trains a fresh model "
+                "on the training examples at indices (a 1-D int64 numpy array of positions in "
+                "the train data set) with random seed seed, as your training script does. The "
+                "estimators are judged against the measurements of models it retrains."
+            )
+        check_spec(self.retrain, "retrain")
+        self.run_config()  # the RunConfig checks of the shared keys
+        for name in ("subsets", "seeds_per_subset", "workers", "trak_models"):
+            if getattr(self, name) < 1:
+                raise ConfigurationError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.subsets < 3:
+            raise ConfigurationError(
+                f"subsets must be >= 3 (the LDS is a rank correlation over subsets; 64 or more "
+                f"gives a usable standard error), got {self.subsets}"
+            )
+        if not (math.isfinite(self.subset_fraction) and 0 < self.subset_fraction < 1):
+            raise ConfigurationError(
+                f"subset_fraction must lie strictly between 0 and 1 (0.5: half-size subsets, "
+                f"the TRAK paper's protocol), got {self.subset_fraction}"
+            )
+        if self.loo_examples < 0:
+            raise ConfigurationError(f"loo_examples must be >= 0, got {self.loo_examples}")
+        unknown = [e for e in self.estimators if e not in EVALUATE_ESTIMATORS]
+        if unknown or not self.estimators:
+            raise ConfigurationError(
+                f"estimators must name one or more of {list(EVALUATE_ESTIMATORS)}, got "
+                f"{list(self.estimators)}"
+            )
+        if len(set(self.estimators)) != len(self.estimators):
+            raise ConfigurationError(f"estimators lists a name twice: {list(self.estimators)}")
+
+    def run_config(self) -> RunConfig:
+        """The :class:`RunConfig` of the shared keys (validated), for :class:`Run` to resolve."""
+        return RunConfig(
+            model=self.model,
+            train=self.train,
+            queries=self.queries,
+            checkpoints=self.checkpoints,
+            task=self.task,
+            measurement=self.measurement,
+            path=self.path,
+            lr=self.lr,
+            batch_size=self.batch_size,
+            seed=self.seed,
+            output=self.output,
+            progress=self.progress,
+        )
 
 
 # -- types ---------------------------------------------------------------------------------------
