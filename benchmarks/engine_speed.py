@@ -11,6 +11,7 @@ and the bytes written to disk. Score matrices are compared with traintrace's (Sp
     python benchmarks/engine_speed.py --n 8192 --peer-python /path/to/venv/bin/python
     python benchmarks/engine_speed.py --workload cnn --n 4096    # small CNN, 1×28×28 inputs
     python benchmarks/engine_speed.py --workload gpt2 --n 2048   # GPT-2-style LM, 32 tokens
+    python benchmarks/engine_speed.py --width 2048 --methods traintrace-arnoldi-r64-coordinates
 
 ``--peer-python`` names an interpreter with ``captum`` and ``kronfluence`` installed (their own
 environment: ``python -m venv peers && peers/bin/pip install torch==2.13.0 captum kronfluence``);
@@ -41,6 +42,7 @@ N_QUERY = 100
 
 
 WORKLOAD = os.environ.get("BENCH_WORKLOAD", "mlp")
+WIDTH = int(os.environ.get("BENCH_WIDTH", "1024"))  # the MLP's hidden width (--width)
 SEQ, VOCAB = 32, 512
 
 
@@ -74,7 +76,7 @@ def make_model() -> nn.Module:
         )
         return transformers.GPT2LMHeadModel(cfg)
     return nn.Sequential(
-        nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10)
+        nn.Linear(784, WIDTH), nn.ReLU(), nn.Linear(WIDTH, WIDTH), nn.ReLU(), nn.Linear(WIDTH, 10)
     )
 
 
@@ -372,6 +374,9 @@ def main() -> None:
     p.add_argument("--n", type=int, default=2048)
     p.add_argument("--workload", choices=["mlp", "cnn", "gpt2"], default="mlp")
     p.add_argument("--methods", nargs="+", default=None)
+    p.add_argument(
+        "--width", type=int, default=1024, help="the MLP's hidden width (P grows as width²)"
+    )
     p.add_argument("--peer-python", default=None)
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)
     p.add_argument("--save", default=None, help=argparse.SUPPRESS)
@@ -391,6 +396,7 @@ def main() -> None:
                 os.environ,
                 PYTHONPATH=os.path.join(os.path.dirname(__file__), "..", "src"),
                 BENCH_WORKLOAD=a.workload,
+                BENCH_WIDTH=str(a.width),
             )
             res = subprocess.run(
                 [python, __file__, "--one", method, "--n", str(a.n), "--save", save],
@@ -406,7 +412,9 @@ def main() -> None:
             scores[method] = torch.load(save)
     from scipy.stats import spearmanr
 
-    what = {"mlp": "1.86M-parameter MLP", "cnn": "small CNN", "gpt2": f"GPT-2 style, {SEQ} tokens"}
+    mlp_p = 785 * a.width + (a.width + 1) * a.width + (a.width + 1) * 10
+    what = {"mlp": f"MLP 784-{a.width}-{a.width}-10 (P = {mlp_p:,})", "cnn": "small CNN"}
+    what["gpt2"] = f"GPT-2 style, {SEQ} tokens"
     print(f"\nn = {a.n}, {N_QUERY} queries, {what[a.workload]}; cost per checkpoint / one epoch")
     print(
         f"{'method':36s} {'wall':>7s} {'cpu':>7s} {'seconds':>8s} {'RssAnon MiB':>12s} "
