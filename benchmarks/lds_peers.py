@@ -313,6 +313,14 @@ def _traker_scores(
         for batch in torch.utils.data.DataLoader(train, **batches):
             traker.featurize(batch=batch, num_samples=len(batch[0]))
     traker.finalize_features()
+    note = ""
+    projector = traker.projector
+    if getattr(projector, "num_blocks", 0) == 1 and not projector.proj_matrix_available:
+        # traker 0.3.2 bug: finalize_features frees the BasicProjector's matrix, and with one
+        # block (proj_dim <= 100) and an unchanged model id (one model) project() does not
+        # rebuild it (AttributeError): rebuild the same matrix from its generator state
+        projector.generate_sketch_matrix(projector.generator_states[0])
+        note = "; projector rebuilt (traker bug: 1 model, proj_dim <= 100)"
     for model_id, state in enumerate(states):
         traker.start_scoring_checkpoint(
             exp_name="lds", checkpoint=state, model_id=model_id, num_targets=len(queries)
@@ -320,9 +328,8 @@ def _traker_scores(
         for batch in torch.utils.data.DataLoader(queries, **batches):
             traker.score(batch=batch, num_samples=len(batch[0]))
     scores = torch.as_tensor(np.asarray(traker.finalize_scores(exp_name="lds"))).T
-    projector = type(traker.projector).__name__
-    kind = getattr(traker.projector.proj_type, "value", traker.projector.proj_type)
-    note = f"{projector} ({kind}), {'float16' if half else 'float32'}"
+    kind = getattr(projector.proj_type, "value", projector.proj_type)
+    note = f"{type(projector).__name__} ({kind}), {'float16' if half else 'float32'}{note}"
     if int(proj_dim) > len(train):
         note += f"; proj_dim {proj_dim} > n = {len(train)}"
     return scores, note
