@@ -315,10 +315,12 @@ def _traker_scores(
     traker.finalize_features()
     note = ""
     projector = traker.projector
-    if getattr(projector, "num_blocks", 0) == 1 and not projector.proj_matrix_available:
+    stale = getattr(projector, "num_blocks", 0) == 1 and not projector.proj_matrix_available
+    if stale and projector.model_id == 0:  # scoring starts with model 0: no id change
         # traker 0.3.2 bug: finalize_features frees the BasicProjector's matrix, and with one
         # block (proj_dim <= 100) and an unchanged model id (one model) project() does not
-        # rebuild it (AttributeError): rebuild the same matrix from its generator state
+        # rebuild it (AttributeError): rebuild the same matrix from its generator state (with
+        # several models the id changes at the first score() and traker rebuilds it itself)
         projector.generate_sketch_matrix(projector.generator_states[0])
         note = "; projector rebuilt (traker bug: 1 model, proj_dim <= 100)"
     for model_id, state in enumerate(states):
