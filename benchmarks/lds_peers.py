@@ -170,6 +170,7 @@ def _peer_job(job_dir: Path, peer: str, setting: str) -> None:
     model.eval()
     train = torch.utils.data.TensorDataset(xt, yt)
     queries = torch.utils.data.TensorDataset(xq, yq)
+    note = ""  # the row's note, for peers that have something to say
     start = time.perf_counter()
     if peer == "captum-tracincp":
         from captum.influence import TracInCP
