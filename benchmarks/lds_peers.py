@@ -1,4 +1,4 @@
-"""Linear datamodeling score (LDS) of every traintrace estimator beside Captum and Kronfluence.
+"""Linear datamodeling score (LDS) of every traintrace estimator beside Captum, Kronfluence, traker.
 
 The TRAK paper's protocol (Park et al. 2023) through the library's own ground truth: random
 half-size subsets of the training set, each retrained with two seeds by a
@@ -6,7 +6,14 @@ half-size subsets of the training set, each retrained with two seeds by a
 under ``--cache`` so a rerun costs only the estimators), the query's cross-entropy as the
 measurement, and ``tt.evaluate.lds`` applied to every score matrix — traintrace's and the peers'
 (the peers run in their own environment, ``--peers-python``, through a subprocess of this very
-file that writes ``.npy`` score matrices), so the ground truth is computed once.
+file that writes ``.npy`` score matrices), so the ground truth is computed once. A peer that is
+not importable there gives a "not installed" row instead of stopping the run.
+
+Peers: Captum (TracInCP, Arnoldi), Kronfluence (EK-FAC, K-FAC) and traker (the TRAK authors'
+library, ``import trak``): ``TRAKer`` on CPU — its ``BasicProjector`` with a Gaussian matrix, as
+traker picks without CUDA (its default ``CudaProjector`` needs CUDA and ``fast_jl``) — on the
+same independently trained models as traintrace's TRAK rows, at its defaults (``proj_dim`` 2048,
+float16) and on a grid of ``proj_dim`` × 1 or 5 models; its working files go under ``--cache``.
 
 Workloads:
 
@@ -164,6 +171,7 @@ def _peer_job(job_dir: Path, peer: str, setting: str) -> None:
     model.eval()
     train = torch.utils.data.TensorDataset(xt, yt)
     queries = torch.utils.data.TensorDataset(xq, yq)
+    note = ""  # the row's note, for peers that have something to say
     start = time.perf_counter()
     if peer == "captum-tracincp":
         from captum.influence import TracInCP
@@ -249,12 +257,86 @@ def _peer_job(job_dir: Path, peer: str, setting: str) -> None:
             scores = analyzer.load_pairwise_scores("s")["all_modules"]
         # Kronfluence: g_qᵀ H⁻¹ g_train with sum losses (positive = helps); traintrace's and
         # the LDS's scale is irrelevant to a rank correlation, the sign is kept
+    elif peer == "traker":
+        scores, note = _traker_scores(job_dir, setting, model, train, queries)
     else:
         raise SystemExit(f"unknown peer {peer}")
     seconds = time.perf_counter() - start
     out = job_dir / f"{peer}--{setting.replace('/', '_')}"
-    np.save(f"{out}.npy", scores.detach().double().numpy())
-    Path(f"{out}.json").write_text(json.dumps({"seconds": seconds}))
+    scores = scores.detach().double().numpy()
+    if np.isfinite(scores).all():
+        np.save(f"{out}.npy", scores)
+    else:  # the LDS refuses non-finite scores: the row says so instead
+        bad = int((~np.isfinite(scores)).sum())
+        note = f"{note}; {bad} of {scores.size} scores non-finite".lstrip("; ")
+    Path(f"{out}.json").write_text(json.dumps({"seconds": seconds, "note": note}))
+
+
+def _traker_scores(
+    job_dir: Path,
+    setting: str,
+    model: nn.Module,
+    train: torch.utils.data.Dataset,
+    queries: torch.utils.data.Dataset,
+) -> tuple[torch.Tensor, str]:
+    """traker's (``import trak``) ``[n_query, n_train]`` TRAK scores and a note for the row.
+
+    ``setting`` is ``"<models>/<proj_dim>"`` or ``"<models>/<proj_dim>/fp32"``: the first
+    ``models`` of the ensemble traintrace's TRAK rows use (``model_<i>.pt``), traker's own
+    defaults otherwise (``image_classification`` margin task, float16, ``lambda_reg=0``). On CPU
+    traker picks its ``BasicProjector`` with a Gaussian ("normal") matrix: its default
+    ``CudaProjector`` (Rademacher, ``fast_jl``) needs CUDA. traker's scores are
+    ``[n_train, n_query]`` with positive = the training example raises the target's margin
+    (helps), as traintrace's: transposed, sign kept. Working files go under ``job_dir``.
+    """
+    import logging
+    import shutil
+
+    from trak import TRAKer
+
+    models, proj_dim, *rest = setting.split("/")
+    half = rest != ["fp32"]
+    save_dir = job_dir / "traker" / setting.replace("/", "_")
+    shutil.rmtree(save_dir, ignore_errors=True)  # traker resumes from save_dir otherwise
+    traker = TRAKer(
+        model=model,
+        task="image_classification",
+        train_set_size=len(train),
+        save_dir=str(save_dir),
+        device="cpu",
+        proj_dim=int(proj_dim),
+        use_half_precision=half,
+        logging_level=logging.WARNING,
+    )
+    states = [torch.load(job_dir / f"model_{i}.pt") for i in range(int(models))]
+    batches = dict(batch_size=100, shuffle=False)
+    for model_id, state in enumerate(states):
+        traker.load_checkpoint(state, model_id=model_id)
+        for batch in torch.utils.data.DataLoader(train, **batches):
+            traker.featurize(batch=batch, num_samples=len(batch[0]))
+    traker.finalize_features()
+    note = ""
+    projector = traker.projector
+    stale = getattr(projector, "num_blocks", 0) == 1 and not projector.proj_matrix_available
+    if stale and projector.model_id == 0:  # scoring starts with model 0: no id change
+        # traker 0.3.2 bug: finalize_features frees the BasicProjector's matrix, and with one
+        # block (proj_dim <= 100) and an unchanged model id (one model) project() does not
+        # rebuild it (AttributeError): rebuild the same matrix from its generator state (with
+        # several models the id changes at the first score() and traker rebuilds it itself)
+        projector.generate_sketch_matrix(projector.generator_states[0])
+        note = "; projector rebuilt (traker bug: 1 model, proj_dim <= 100)"
+    for model_id, state in enumerate(states):
+        traker.start_scoring_checkpoint(
+            exp_name="lds", checkpoint=state, model_id=model_id, num_targets=len(queries)
+        )
+        for batch in torch.utils.data.DataLoader(queries, **batches):
+            traker.score(batch=batch, num_samples=len(batch[0]))
+    scores = torch.as_tensor(np.asarray(traker.finalize_scores(exp_name="lds"))).T
+    kind = getattr(projector.proj_type, "value", projector.proj_type)
+    note = f"{type(projector).__name__} ({kind}), {'float16' if half else 'float32'}{note}"
+    if int(proj_dim) > len(train):
+        note += f"; proj_dim {proj_dim} > n = {len(train)}"
+    return scores, note
 
 
 # -- traintrace estimators (main environment) -------------------------------------------------
@@ -382,6 +464,7 @@ def _peer_grid(quick: bool, small: bool) -> list[tuple[str, str, str]]:
         ("Captum TracInCP", "captum-tracincp", "5"),
         ("Captum Arnoldi", "captum-arnoldi", "50/200"),
         ("Kronfluence EK-FAC", "kronfluence", "ekfac/true/default"),
+        ("traker TRAK", "traker", "5/2048"),  # "<models>/<proj_dim>": traker's default width
     ]
     if quick:
         return rows
@@ -392,6 +475,9 @@ def _peer_grid(quick: bool, small: bool) -> list[tuple[str, str, str]]:
         ("Kronfluence EK-FAC", "kronfluence", "ekfac/empirical/default"),
         ("Kronfluence EK-FAC", "kronfluence", "ekfac/empirical/0.01"),
         ("Kronfluence K-FAC", "kronfluence", "kfac/true/default"),
+        *[("traker TRAK", "traker", f"5/{k}") for k in (32, 64, 128, 256)],
+        *[("traker TRAK", "traker", f"1/{k}") for k in (64, 128, 2048)],
+        *[("traker TRAK", "traker", f"5/{k}/fp32") for k in (64, 2048)],
     ]
 
 
@@ -527,10 +613,12 @@ def run_workload(name: str, args: argparse.Namespace) -> list[dict]:
         for c in (5, 10):
             for i, ck in enumerate(ckpts[c]):
                 torch.save(dict(ck.state), job / f"ckpt{c}_{i:02d}.pt")
+        for i, ck in enumerate(ensemble):  # the models traintrace's TRAK rows use, for traker
+            torch.save(dict(ck.state), job / f"model_{i}.pt")
         for family, peer, setting in _peer_grid(args.quick, ctx["cheap"]):
             out = job / f"{peer}--{setting.replace('/', '_')}"
             note = ""
-            if not Path(f"{out}.npy").exists():
+            if not Path(f"{out}.json").exists():  # written with the scores, or why there are none
                 proc = subprocess.run(
                     [
                         args.peers_python,
@@ -548,11 +636,12 @@ def run_workload(name: str, args: argparse.Namespace) -> list[dict]:
                 )
                 if proc.returncode:
                     note = proc.stderr.strip().splitlines()[-1][:100] if proc.stderr else "failed"
-            if Path(f"{out}.npy").exists():
-                scores = np.load(f"{out}.npy")
-                seconds = json.loads(Path(f"{out}.json").read_text())["seconds"]
-            else:
-                scores, seconds = None, float("nan")
+            scores, seconds = None, float("nan")
+            if Path(f"{out}.json").exists():
+                meta = json.loads(Path(f"{out}.json").read_text())
+                seconds, note = meta["seconds"], meta.get("note", "")
+                if Path(f"{out}.npy").exists():
+                    scores = np.load(f"{out}.npy")
             results.append(
                 dict(
                     lib="peer",
@@ -641,14 +730,19 @@ def main() -> None:
     )
     parser.add_argument("--quick", action="store_true", help="the default: few subsets, queries")
     parser.add_argument(
-        "--peers-python", default=None, help="python of an environment with captum and kronfluence"
+        "--peers-python",
+        default=None,
+        help="python of an environment with captum, kronfluence and traker (import trak)",
     )
     parser.add_argument("--peer-job", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--peer", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--setting", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.peer_job:
-        _peer_job(Path(args.peer_job), args.peer, args.setting)
+        try:
+            _peer_job(Path(args.peer_job), args.peer, args.setting)
+        except ModuleNotFoundError as err:  # the row says so; the other peers still run
+            raise SystemExit(f"not installed in --peers-python ({err})") from err
         return
     torch.set_num_threads(1)
     args.quick = not args.full
