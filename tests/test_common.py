@@ -213,6 +213,15 @@ REGISTRY: dict[str, Entry] = {
         self_is_diagonal=False,
         convex_sign=False,
     ),
+    "embedding-knn": Entry(
+        lambda m, bs: tt.EmbeddingKNN(
+            m, tt.Classification(), tt.Checkpoint(m.state_dict()), batch_size=bs, query_block=2
+        ),
+        # the layer is the whole model: its input is x
+        lambda m, train, queries: F.normalize(queries[0], dim=1) @ F.normalize(train[0], dim=1).T,
+        self_is_diagonal=False,  # a similarity: every example is its own nearest neighbour
+        convex_sign=False,
+    ),
     "representer": Entry(
         lambda m, bs: tt.RepresenterPoints(
             m,
