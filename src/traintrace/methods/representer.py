@@ -195,13 +195,14 @@ class RepresenterPoints(GradientEstimator):
         self.max_iter = max_iter
         self.newton_steps = newton_steps
         self._head_state: dict[str, Tensor] = {}  # the explained head, set by fit
+        self._logit_task = target_logit_task(task)  # f = Φ_c, the target-class logit
         super().__init__(
             model,
             task,
             [checkpoint],  # evaluated with its head replaced by the explained one (state())
             # R: exact last-layer gradients; queries measure the target-class logit Φ_c
             featurizer=ExactStream(
-                ExactGradients(model, target_logit_task(task), [self.layer]), keep_captures=True
+                ExactGradients(model, self._logit_task, [self.layer]), keep_captures=True
             ),
             preconditioners=[Identity()],  # P = I
             weights=[math.nan],  # w = 1/(2λn): set by fit, once n is known
@@ -485,9 +486,7 @@ class RepresenterPoints(GradientEstimator):
         # both gradients are rank one on the same features: ⟨a f̃ᵀ, b f̃ᵀ⟩ = (a · b) ‖f̃‖², with
         # a = ∂f/∂Φ from the task's own target-class logit and w · b = w · ∂L/∂Φ = −α
         logits = (self.features_ @ self._head().T).requires_grad_(True)
-        measured = self.featurizer.engine.task.oriented_measurement(
-            logits, (self.features_, self.labels_)
-        )
+        measured = self._logit_task.oriented_measurement(logits, (self.features_, self.labels_))
         (d_measure,) = torch.autograd.grad(measured.sum(), logits)
         own = -(d_measure * self.alpha_).sum(dim=1)
         return (own * self.features_.square().sum(dim=1)).to(self._dtype)
