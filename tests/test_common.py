@@ -105,6 +105,41 @@ def _if_brute(model, train, queries):
     return q @ torch.linalg.solve(h, g.T) / len(train[0])
 
 
+REP_L2 = 1e-3
+
+
+def _representer_brute(model, train, queries):
+    """``α_{i,c} (f̃_i · f̃')`` as ``⟨∇Φ_c(x'), −∇L_i⟩ / (2λn)``: explicit per-example gradients
+    at the head minimizing ``mean CE + λ‖W̃‖²`` (damped Newton on the explicit Hessian)."""
+    x, y = train
+    head = nn.Linear(x.shape[1], 3).double()
+    v = torch.cat([model.weight.detach().reshape(-1), model.bias.detach()])
+
+    def objective(v):
+        w, b = v[:-3].reshape(3, -1), v[-3:]
+        return F.cross_entropy(F.linear(x, w, b), y) + REP_L2 * v.square().sum()
+
+    for _ in range(100):
+        g = torch.func.grad(objective)(v)
+        if g.norm() < 1e-13:
+            break
+        step = torch.linalg.solve(torch.autograd.functional.hessian(objective, v), g)
+        t = 1.0
+        while objective(v - t * step) > objective(v) and t > 1e-8:
+            t /= 2
+        v = v - t * step
+    with torch.no_grad():
+        head.weight.copy_(v[:-3].reshape(3, -1))
+        head.bias.copy_(v[-3:])
+    xq, yq = queries
+    logit_grads = []
+    for i in range(len(xq)):
+        logit = head(xq[i : i + 1])[0, yq[i]]
+        grads = torch.autograd.grad(logit, list(head.parameters()))
+        logit_grads.append(torch.cat([t.reshape(-1) for t in grads]))
+    return -torch.stack(logit_grads) @ _per_example(head, x, y).T / (2 * REP_L2 * len(x))
+
+
 REGISTRY: dict[str, Entry] = {
     "tracin-exact-stream": Entry(
         lambda m, bs: tt.TracIn(
@@ -178,13 +213,27 @@ REGISTRY: dict[str, Entry] = {
         self_is_diagonal=False,
         convex_sign=False,
     ),
+    "embedding-knn": Entry(
+        lambda m, bs: tt.EmbeddingKNN(
+            m, tt.Classification(), tt.Checkpoint(m.state_dict()), batch_size=bs, query_block=2
+        ),
+        # the layer is the whole model: its input is x
+        lambda m, train, queries: F.normalize(queries[0], dim=1) @ F.normalize(train[0], dim=1).T,
+        self_is_diagonal=False,  # a similarity: every example is its own nearest neighbour
+        convex_sign=False,
+    ),
     "representer": Entry(
         lambda m, bs: tt.RepresenterPoints(
-            m, tt.Classification(), tt.Checkpoint(m.state_dict()), batch_size=bs, progress=False
+            m,
+            tt.Classification(),
+            tt.Checkpoint(m.state_dict()),
+            l2=REP_L2,
+            batch_size=bs,
+            query_block=3,
+            progress=False,
         ),
-        None,
-        self_is_diagonal=False,
-        convex_sign=False,
+        _representer_brute,
+        convex_sign=False,  # explains the target-class logit of a refitted head, not the loss
     ),
 }
 

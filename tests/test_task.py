@@ -47,6 +47,31 @@ def test_margin_is_logit_minus_logsumexp_of_the_others():
     torch.testing.assert_close(task.oriented_measurement(logits, (None, y)), -m)
 
 
+def test_logit_is_the_target_class_logit_and_signed_for_a_single_logit():
+    logits = torch.tensor([[2.0, 0.5, -1.0], [0.1, 0.2, 3.0], [1.0, 4.0, 0.0]])
+    y = torch.tensor([1, 0, -100])
+    task = tt.Classification("logit", ignore_index=-100)
+    assert task.measurement_higher_is_better and "logit" in repr(task)
+    # the label's logit; an ignored label and a missing label take the predicted class
+    torch.testing.assert_close(task.measurement(logits, (None, y)), torch.tensor([0.5, 0.1, 4.0]))
+    torch.testing.assert_close(
+        tt.Classification("logit").measurement(logits, torch.zeros(3, 2)),
+        torch.tensor([2.0, 3.0, 4.0]),
+    )
+    unlabelled = tt.Classification("logit", use_labels=False)
+    torch.testing.assert_close(
+        unlabelled.oriented_measurement(logits, (None, y)), -torch.tensor([2.0, 3.0, 4.0])
+    )
+    # one logit s (logits [0, s]): +s toward class 1, -s toward class 0, as the margin
+    s, yb = torch.randn(6, 1), torch.tensor([0, 1, 1, 0, 1, 0])
+    signed = tt.Classification("logit").measurement(s, (None, yb))
+    torch.testing.assert_close(signed, torch.where(yb == 1, s[:, 0], -s[:, 0]))
+    with pytest.raises(tt.LabelError, match="0 or 1"):
+        check_batch(tt.Classification("logit"), s, (None, torch.full((6,), 0.5)), 0)
+    with pytest.raises(tt.ConfigurationError, match="'logit'"):
+        tt.Classification("logits")
+
+
 def test_loss_and_measurement_orientation():
     logits, y = torch.randn(5, 4), torch.randint(0, 4, (5,))
     task = tt.Classification()

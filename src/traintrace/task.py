@@ -393,9 +393,12 @@ class Classification(Task):
             ``"margin"`` — the logit of the class minus the log-sum-exp of the other logits
             (higher is better), where the class is the query's label when the batch has one and
             ``use_labels`` is true, else the model's predicted class. The margin is the TracIn
-            "prediction variant": it needs no label.
-        use_labels: for the margin, use the label when present (default) or always the predicted
-            class.
+            "prediction variant": it needs no label. ``"logit"`` — the raw logit ``Φ_c`` of
+            that same class (higher is better; what representer points decompose); for a
+            single-logit binary classifier (logits ``[0, s]``) it is ``±s``, the class's logit
+            relative to the other one, which equals the margin there.
+        use_labels: for the margin and the logit, use the label when present (default) or always
+            the predicted class.
         ignore_index: a label value whose examples get a zero loss (and so a zero gradient and
             a zero score against every query, and self-influence 0), like PyTorch's
             ``ignore_index``; for the margin, such queries use the predicted class. ``None``
@@ -421,7 +424,7 @@ class Classification(Task):
 
     def __init__(
         self,
-        measurement: Literal["loss", "margin"] = "loss",
+        measurement: Literal["loss", "margin", "logit"] = "loss",
         *,
         use_labels: bool = True,
         ignore_index: int | None = None,
@@ -429,8 +432,10 @@ class Classification(Task):
         label_key: str = "labels",
     ) -> None:
         super().__init__(output=output, label_key=label_key)
-        if measurement not in ("loss", "margin"):
-            raise ConfigurationError(f"measurement must be 'loss' or 'margin', got {measurement!r}")
+        if measurement not in ("loss", "margin", "logit"):
+            raise ConfigurationError(
+                f"measurement must be 'loss', 'margin' or 'logit', got {measurement!r}"
+            )
         if ignore_index is not None and (
             isinstance(ignore_index, bool) or not isinstance(ignore_index, int)
         ):
@@ -441,7 +446,7 @@ class Classification(Task):
         self.measurement_kind = measurement
         self.use_labels = use_labels
         self.ignore_index = ignore_index
-        self.measurement_higher_is_better = measurement == "margin"
+        self.measurement_higher_is_better = measurement != "loss"
 
     def __repr__(self) -> str:
         parts = [f"measurement={self.measurement_kind!r}"]
@@ -567,19 +572,20 @@ class Classification(Task):
         """Labels are integer class indices in ``[0, classes)`` (or ``ignore_index``).
 
         For a single-logit (binary) classifier float targets are accepted: probabilities in
-        ``[0, 1]`` for the loss, exactly 0 or 1 for the margin.
+        ``[0, 1]`` for the loss, exactly 0 or 1 for the margin and the logit.
 
         Raises:
             LabelError: naming the examples (data-set indices) and their labels.
             BatchFormatError: labels missing where the loss needs them (keys found listed).
         """
         classes = self._logits(outputs).shape[-1]
-        y = self.labels(batch, required=self.measurement_kind == "loss")
-        if y is None or (not self.use_labels and self.measurement_kind == "margin"):
+        by_class = self.measurement_kind != "loss"  # the margin or the logit of a class
+        y = self.labels(batch, required=not by_class)
+        if y is None or (not self.use_labels and by_class):
             return
         n = batch_size_of(batch)
         if self._is_binary(outputs) and isinstance(y, Tensor) and y.is_floating_point():
-            self._binary_targets(y, n, offset, exact=self.measurement_kind == "margin")
+            self._binary_targets(y, n, offset, exact=by_class)
             return
         flat = self._class_labels(y, n)
         positions = _positions(self._bad_labels(flat, classes))
@@ -611,6 +617,9 @@ class Classification(Task):
         else:
             cls = y
         chosen = logits.gather(-1, cls.unsqueeze(-1)).squeeze(-1)
+        if self.measurement_kind == "logit" and not self._is_binary(outputs):
+            return _check_per_example(chosen, logits, "logit")
+        # the margin; for a binary [0, s] also the logit (±s: relative to the other class)
         classes = torch.arange(logits.shape[-1], device=logits.device)
         others = logits.masked_fill(classes == cls.unsqueeze(-1), float("-inf"))
         return _check_per_example(chosen - torch.logsumexp(others, dim=-1), logits, "margin")

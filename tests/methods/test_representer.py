@@ -183,3 +183,100 @@ def test_errors_name_the_problem() -> None:
     assert reg.decompose(TensorDataset(xt)).shape == (30, 3)
     with pytest.raises(ConfigurationError, match="Classification"):
         reg.score(TensorDataset(xt, y))
+
+
+def test_composition_is_last_layer_gradients_identity_and_one_over_2_lambda_n() -> None:
+    """R, P, w are visible, and the scores are the last-layer gradient inner product."""
+    from traintrace.methods.preconditioners import Identity
+    from traintrace.methods.streaming import ExactStream
+
+    model, (xt, yt), (xq, yq) = _setup()
+    est = RepresenterPoints(
+        model, tt.Classification(), tt.Checkpoint(model.state_dict()), l2=L2, progress=False
+    ).fit(TensorDataset(xt, yt))
+    assert isinstance(est.featurizer, ExactStream) and est.featurizer.keep_captures
+    assert est.parameter_names == ["2.weight", "2.bias"]
+    assert [type(p) for p in est.preconditioners] == [Identity]
+    assert est.weights == [pytest.approx(1 / (2 * L2 * len(yt)))]
+    # brute force: explicit gradients at the explained head of Φ_c(x') and of L(x_i, y_i)
+    head = nn.Linear(6, 3).to(DT)
+    with torch.no_grad():
+        head.weight.copy_(est.weight_)
+        head.bias.copy_(est.bias_)
+    ft, fq = _features(model, xt, False), _features(model, xq, False)
+
+    def grad(value: torch.Tensor) -> torch.Tensor:
+        return torch.cat(
+            [g.reshape(-1) for g in torch.autograd.grad(value, [head.weight, head.bias])]
+        )
+
+    train_grads = torch.stack(
+        [grad(F.cross_entropy(head(ft[i : i + 1]), yt[i : i + 1])) for i in range(len(yt))]
+    )
+    logit_grads = torch.stack([grad(head(fq[q])[yq[q]]) for q in range(len(yq))])
+    expected = -(logit_grads @ train_grads.T) / (2 * L2 * len(yt))
+    torch.testing.assert_close(est.score(TensorDataset(xq, yq)), expected, atol=1e-12, rtol=0)
+
+
+def test_labelled_scores_sum_to_the_label_logit_and_use_labels_false_to_the_predicted() -> None:
+    model, (xt, yt), (xq, yq) = _setup(seed=3)
+    ckpt = tt.Checkpoint(model.state_dict())
+    est = RepresenterPoints(model, tt.Classification(), ckpt, l2=L2, progress=False)
+    est.fit(TensorDataset(xt, yt))
+    assert est.stationarity_residual_ < 1e-9
+    logits = _features(model, xq, True) @ est._head().T
+    sums = est.score(TensorDataset(xq, yq)).sum(1)
+    torch.testing.assert_close(sums, logits.gather(1, yq[:, None])[:, 0], atol=1e-8, rtol=0)
+    predicted = RepresenterPoints(
+        model, tt.Classification(use_labels=False), ckpt, l2=L2, progress=False
+    ).fit(TensorDataset(xt, yt))
+    torch.testing.assert_close(
+        predicted.score(TensorDataset(xq, yq)).sum(1), logits.max(1).values, atol=1e-8, rtol=0
+    )
+    # the task's measurement setting is not used: a margin task explains the logit too
+    margin = RepresenterPoints(model, tt.Classification("margin"), ckpt, l2=L2, progress=False)
+    torch.testing.assert_close(
+        margin.fit(TensorDataset(xt, yt)).score(TensorDataset(xq, yq)).sum(1), sums
+    )
+
+
+def test_queries_never_run_the_training_set_again_and_match_a_fresh_capture() -> None:
+    """The kept last-layer captures give the scores a fresh capture pass per block gives."""
+    from traintrace.features.engine import ExactGradients
+    from traintrace.methods.representer import target_logit_task
+    from traintrace.methods.streaming import ExactStream
+
+    model, (xt, yt), (xq, yq) = _setup(seed=5)
+    seen: list[int] = []
+    model[0].register_forward_hook(lambda _m, args, _out: seen.append(args[0].shape[0]))
+    est = RepresenterPoints(
+        model,
+        tt.Classification(),
+        tt.Checkpoint(model.state_dict()),
+        l2=L2,
+        batch_size=8,
+        query_block=3,
+        progress=False,
+    ).fit(TensorDataset(xt, yt))
+    seen.clear()
+    kept = est.score(TensorDataset(xq, yq))
+    assert sum(seen) <= len(yq) + 3  # the queries (and the engine's first check of 3 at most)
+    fresh = ExactStream(ExactGradients(model, target_logit_task(est.task), ["2"]))
+    est.featurizer = fresh
+    fresh.fit(est, est._loader(TensorDataset(xt, yt)), len(yt))
+    torch.testing.assert_close(est.score(TensorDataset(xq, yq)), kept, atol=1e-14, rtol=0)
+    top = est.top_k(TensorDataset(xq, yq), k=4)
+    torch.testing.assert_close(top.opponents.scores, kept.topk(4, dim=1, largest=False).values)
+
+
+def test_float32_model_scores_in_its_precision() -> None:
+    model, (xt, yt), (xq, yq) = _setup()
+    model32 = _setup()[0].float()
+    ckpt = tt.Checkpoint(model32.state_dict())
+    est = RepresenterPoints(model32, tt.Classification(), ckpt, l2=L2, progress=False)
+    est.fit(TensorDataset(xt.float(), yt))
+    scores = est.score(TensorDataset(xq.float(), yq))
+    assert scores.dtype == torch.float32 and est.self_influence().dtype == torch.float32
+    ft, fq = _features(model, xt, True), _features(model, xq, True)
+    expected = (fq @ ft.T) * est.alpha_.T[yq]
+    torch.testing.assert_close(scores.double(), expected, atol=1e-5, rtol=1e-4)

@@ -4,30 +4,178 @@ Each example is represented by the input of a chosen layer (by default the last 
 parameters, i.e. the penultimate-layer embedding) at one checkpoint, and training examples are
 ranked by cosine similarity to the query. It sees only representations, not labels or loss, so
 it finds look-alikes rather than the examples that moved the prediction.
+
+**Composition.** The one formula of :mod:`traintrace.methods.gradient`,
+``score = Σ_c w_c ⟨P_c φ(z'), φ(z)⟩`` normalized to a cosine, with a featurizer that is not a
+gradient: ``φ`` = the layer-input embedding (:class:`LayerInputs`, held in memory, ``n × d``),
+``P = I``, ``w = 1``, ``normalize="cosine"``. Scores and top-k go through the same exact
+streaming retrieval as stored gradient features (:mod:`traintrace.retrieval.exact`: blocks of
+training rows merged into a running top-k; FAISS when asked for).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
 from traintrace.checkpoints import Checkpoint
-from traintrace.data import as_loader, iterate_batches
+from traintrace.data import iterate_batches
 from traintrace.exceptions import ConfigurationError
 from traintrace.features.gradients import eval_mode, forward_at
 from traintrace.features.params import module_by_name
-from traintrace.methods.base import Data, Estimator
+from traintrace.methods.base import Data
+from traintrace.methods.gradient import GradientEstimator
+from traintrace.methods.preconditioners import Identity
+from traintrace.retrieval import exact as exact_retrieval
+from traintrace.retrieval.faiss_index import top_k as retrieval_top_k
+from traintrace.retrieval.topk import TopK
 from traintrace.task import Task
 
-__all__ = ["EmbeddingKNN"]
+__all__ = ["EmbeddingKNN", "LayerInputs"]
 
 
-class EmbeddingKNN(Estimator):
+class LayerInputs:
+    """The featurizer ``φ(x)`` = the flattened input of one module (no gradient), in memory.
+
+    Same interface as :class:`~traintrace.methods.streaming.ExactStream` and
+    :class:`~traintrace.methods.stored.ProjectedStore` (``fit`` / ``score_blocks`` / ``top_k`` /
+    ``self_influence``): ``fit`` keeps the training embeddings ``[n, d]`` per checkpoint
+    (:attr:`GradientEstimator.train_features_`); a query block is one forward pass, ``P``
+    applied to its embeddings (``apply_features``), then the exact streaming retrieval.
+
+    Args:
+        model: the network (evaluated functionally at the estimator's checkpoints, eval mode).
+        task: reads batches and runs the model.
+        layer: the module whose input is the embedding (``None``: the last with parameters).
+    """
+
+    kind = "embedding"
+
+    def __init__(self, model: nn.Module, task: Task, layer: str | None) -> None:
+        self.model = model
+        self.task = task
+        self.layer, self.module = module_by_name(model, layer)
+
+    @property
+    def names(self) -> list[str]:
+        """No parameter is differentiated."""
+        return []
+
+    @property
+    def coverage(self) -> dict[str, str]:
+        return {}
+
+    def describe(self) -> dict[str, Any]:
+        return {"featurizer": "layer inputs", "layer": self.layer}
+
+    def embed(
+        self, state: dict[str, Tensor], loader: DataLoader, device: torch.device, progress: bool
+    ) -> Iterator[Tensor]:
+        """The embeddings ``[B, d]`` of every batch of ``loader`` at ``state``."""
+        captured: list[Tensor] = []
+
+        def hook(_module: nn.Module, inputs: tuple[Any, ...]) -> None:
+            captured.append(inputs[0].detach().flatten(1))
+
+        handle = self.module.register_forward_pre_hook(hook)
+        try:
+            with eval_mode(self.model), torch.no_grad():
+                for _, batch in tqdm(
+                    iterate_batches(loader, device),
+                    desc="embedding",
+                    unit="batch",
+                    disable=not progress,
+                    leave=False,
+                ):
+                    captured.clear()
+                    forward_at(self.model, self.task, state, batch)
+                    if len(captured) != 1:
+                        raise ConfigurationError(
+                            f"layer {self.layer!r} ran {len(captured)} times in one forward "
+                            "pass; its input is an example's embedding only if it runs once: "
+                            "pass layer= a module that runs once per forward pass"
+                        )
+                    yield captured[0]
+        finally:
+            handle.remove()
+
+    def _embed_all(self, est: GradientEstimator, c: int, loader: DataLoader) -> Tensor:
+        parts = list(self.embed(est.state(c), loader, est.device, est.progress))
+        if not parts:
+            raise ConfigurationError("the data set is empty")
+        return torch.cat(parts)
+
+    def fit(self, est: GradientEstimator, loader: DataLoader, n: int) -> None:
+        est.train_features_ = [
+            self._embed_all(est, c, loader).cpu() for c in range(len(est.checkpoints))
+        ]
+
+    def _query_blocks(self, est: GradientEstimator, queries: DataLoader) -> Iterator[list[Tensor]]:
+        """Per checkpoint, ``P_c φ(z')`` ``[m, d]`` (on the CPU) for blocks of queries."""
+        streams = [
+            self.embed(est.state(c), queries, est.device, False)
+            for c in range(len(est.checkpoints))
+        ]
+        pending: list[list[Tensor]] = [[] for _ in streams]
+        count = 0
+        for parts in zip(*streams, strict=True):
+            for c, part in enumerate(parts):
+                pending[c].append(part)
+            count += parts[0].shape[0]
+            if count >= est.query_block:
+                yield self._prepared(est, pending)
+                pending, count = [[] for _ in streams], 0
+        if count:
+            yield self._prepared(est, pending)
+
+    @staticmethod
+    def _prepared(est: GradientEstimator, pending: list[list[Tensor]]) -> list[Tensor]:
+        return [
+            p.apply_features(torch.cat(q)).cpu()
+            for p, q in zip(est.preconditioners, pending, strict=True)
+        ]
+
+    def score_blocks(self, est: GradientEstimator, queries: DataLoader) -> Iterator[Tensor]:
+        """Exact score blocks ``[m_block, n]``: ``Σ_c w_c ⟨P_c φ_c(z'), φ_c(z)⟩`` (cosine when
+        ``est.normalize == "cosine"``)."""
+        for qs in self._query_blocks(est, queries):
+            yield exact_retrieval.score(
+                est.train_features_, qs, est.weights, normalize=est.normalize == "cosine"
+            )
+
+    def top_k(self, est: GradientEstimator, queries: DataLoader, k: int, method: str) -> TopK:
+        """Exact top-``k`` by streaming blocks of training rows (or a FAISS index built on the
+        in-memory embeddings per call, when ``method="faiss"``)."""
+        parts = [
+            retrieval_top_k(
+                est.train_features_,
+                qs,
+                est.weights,
+                k,
+                normalize=est.normalize == "cosine",
+                method=method,  # type: ignore[arg-type]
+            )
+            for qs in self._query_blocks(est, queries)
+        ]
+        return TopK.concat(parts)
+
+    def self_influence(self, est: GradientEstimator) -> Tensor:
+        raise ConfigurationError(
+            f"{type(est).__name__} has no self-influence: a similarity baseline ranks every "
+            "example as its own nearest neighbour; use TracIn(...).self_influence()"
+        )
+
+
+class EmbeddingKNN(GradientEstimator):
     """Cosine similarity of layer-input embeddings: ``score(z, z') = cos(e(x), e(x'))``.
+
+    Composition (module docs): ``R`` = the layer-input embedding (:class:`LayerInputs`, not a
+    gradient), ``P = I``, ``w = 1``, ``normalize="cosine"``.
 
     Args:
         model: the network.
@@ -36,9 +184,18 @@ class EmbeddingKNN(Estimator):
         layer: module whose *input* is the embedding; default the last module with parameters
             (so the embedding is the penultimate layer's output).
         batch_size: used when a Dataset is given.
+        collate_fn: how examples of a Dataset become a batch.
+        query_block: queries embedded and searched together.
+        progress: show a progress bar while the training set is embedded.
+
+    Attributes (after :meth:`fit`):
+        train_features_: ``[[n_train, d]]`` the training embeddings (one checkpoint).
+        train_embeddings_: ``[n_train, d]`` the unit-normalized training embeddings.
 
     Sign/orientation: ``[n_query, n_train]``, larger = more similar; ``top_k(...).proponents``
-    are the nearest neighbours. Cost: one forward pass per example; ``n_train × d`` in memory.
+    are the nearest neighbours (exact; ``method="faiss"`` builds an index on the embeddings).
+    Cost: one forward pass per example; ``n_train × d`` in memory; a query block costs
+    ``O(m n d)`` in blocks of training rows.
     """
 
     def __init__(
@@ -49,48 +206,46 @@ class EmbeddingKNN(Estimator):
         *,
         layer: str | None = None,
         batch_size: int = 256,
+        collate_fn: Callable[[list[Any]], Any] | None = None,
+        query_block: int = 1024,
+        progress: bool = False,
     ) -> None:
-        self.model = model
-        self.task = task
+        if checkpoint is None:
+            checkpoint = Checkpoint(model.state_dict(), name="current parameters")
+        elif not isinstance(checkpoint, Checkpoint):
+            raise ConfigurationError(
+                f"checkpoint must be a traintrace.Checkpoint or None (the model's current "
+                f"parameters), got {type(checkpoint).__name__}"
+            )
+        featurizer = LayerInputs(model, task, layer)  # R: φ(x) = the input of `layer`
+        super().__init__(
+            model,
+            task,
+            [checkpoint],
+            featurizer=featurizer,
+            preconditioners=[Identity()],  # P = I
+            weights=[1.0],  # w = 1
+            normalize="cosine",
+            batch_size=batch_size,
+            collate_fn=collate_fn,
+            query_block=query_block,
+            progress=progress,
+        )
         self.checkpoint = checkpoint
-        self.layer, self._module = module_by_name(model, layer)
-        self.batch_size = batch_size
+        self.layer = featurizer.layer
+
+    @property
+    def train_embeddings_(self) -> Tensor:
+        """The unit-normalized training embeddings ``[n_train, d]`` (computed on access)."""
+        if not hasattr(self, "train_features_"):
+            raise AttributeError("train_embeddings_ exists after fit(train)")
+        return torch.nn.functional.normalize(self.train_features_[0], dim=1)
 
     def embed(self, data: Data) -> Tensor:
-        """Embeddings ``[n, d]`` (the flattened input of :attr:`layer`)."""
-        loader = as_loader(data, self.batch_size)
-        device = next(self.model.parameters()).device
-        state = self.checkpoint.state_for(self.model) if self.checkpoint is not None else None
-        captured: list[Tensor] = []
-
-        def hook(_module: nn.Module, inputs: tuple[Any, ...]) -> None:
-            captured.append(inputs[0].detach().flatten(1))
-
-        handle = self._module.register_forward_pre_hook(hook)
-        try:
-            with eval_mode(self.model), torch.no_grad():
-                for _, batch in iterate_batches(loader, device):
-                    if state is None:
-                        self.task.forward(self.model, batch)
-                    else:
-                        forward_at(self.model, self.task, state, batch)
-        finally:
-            handle.remove()
-        return torch.cat(captured)
-
-    def fit(self, train: Data) -> EmbeddingKNN:
-        """Embed the training set. Returns ``self``."""
-        self.train_embeddings_ = F.normalize(self.embed(train), dim=1)
-        self.n_train_ = int(self.train_embeddings_.shape[0])
-        return self
-
-    def _score_blocks(self, queries: Data) -> Iterator[Tensor]:
-        q = F.normalize(self.embed(queries), dim=1)
-        for start in range(0, q.shape[0], self.batch_size):
-            yield q[start : start + self.batch_size] @ self.train_embeddings_.T
+        """Embeddings ``[n, d]`` (the flattened input of :attr:`layer`), not normalized."""
+        return self.featurizer._embed_all(self, 0, self._loader(data))
 
     def self_influence(self) -> Tensor:
         """Not defined for a similarity baseline (every example is its own nearest neighbour)."""
-        raise ConfigurationError(
-            "EmbeddingKNN has no self-influence; use TracIn(...).self_influence()"
-        )
+        self._check_fitted()
+        return self.featurizer.self_influence(self)

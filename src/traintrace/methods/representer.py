@@ -16,31 +16,60 @@ so every prediction decomposes exactly over the training set:
 ``Φ(x') = Σ_i α_i (f̃_i · f̃')``. The bias is covered by the decomposition *because* it is folded
 in and regularized like the weights (its share of the logits is ``Σ_i α_i · 1``): an unregularized
 bias would leave ``Φ(x') = Σ_i α_i (f_i · f') + b`` with ``b`` unexplained.
+
+**A gradient estimator.** The last layer's per-example gradients are rank one,
+``∇_W̃ L(x_i, y_i) = (∂L/∂Φ_i) f̃_iᵀ`` and ``∇_W̃ Φ_c(x') = e_c f̃'ᵀ``, so a representer score is
+a last-layer gradient inner product:
+
+    α_{i,c} (f̃_i · f̃') = 1/(2λn) · ⟨∇_W̃ Φ_c(x'), −∇_W̃ L(x_i, y_i)⟩,
+
+the one formula of :mod:`traintrace.methods.gradient` with ``R`` = the exact engine on the last
+layer only, ``P = I``, ``w = 1/(2λn)``, the query measurement the target-class logit ``Φ_c``
+(``Classification("logit")``, higher is better), evaluated at the checkpoint with its head
+replaced by the refitted, stationary one.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from traintrace.checkpoints import Checkpoint
-from traintrace.data import as_loader, dataset_length, iterate_batches
+from traintrace.data import dataset_length, iterate_batches
 from traintrace.exceptions import BatchFormatError, ConfigurationError
+from traintrace.features.engine import ExactGradients
 from traintrace.features.gradients import eval_mode, forward_at
 from traintrace.features.params import module_by_name
-from traintrace.methods.base import Data, Estimator
+from traintrace.methods.base import Data
+from traintrace.methods.gradient import GradientEstimator
+from traintrace.methods.preconditioners import Identity
+from traintrace.methods.streaming import ExactStream
+from traintrace.retrieval.topk import TopK
 from traintrace.task import Classification, Task
 
 __all__ = ["RepresenterPoints"]
 
 
-class RepresenterPoints(Estimator):
+def target_logit_task(task: Task) -> Task:
+    """``task`` with the query measurement "logit of the target class" (``Classification``
+    only; any other task is returned as it is: its scores are refused, see ``decompose``)."""
+    if not isinstance(task, Classification):
+        return task
+    logit = copy.copy(task)
+    logit.measurement_kind = "logit"
+    logit.measurement_higher_is_better = True
+    return logit
+
+
+class RepresenterPoints(GradientEstimator):
     """Representer point selection: ``score(z_i, x') = α_{i,c} · (f̃_i · f̃')``.
 
     ``f̃`` are the penultimate features (the input of ``layer``, with a constant 1 appended when
@@ -49,6 +78,13 @@ class RepresenterPoints(Estimator):
     task's ``use_labels`` is true), else the class the (refitted) last layer predicts. Summed over
     ``i`` the scores give exactly the query's logit of class ``c`` (when the head is stationary,
     see below), so each score is that training example's share of the logit.
+
+    **Composition** (:class:`~traintrace.methods.gradient.GradientEstimator`; module docs):
+    ``score = w · ⟨P ∇f(x'), ∇L(x_i)⟩`` with ``R`` = the exact engine restricted to ``layer``
+    (its training captures, ``n × (d̃ + outputs)`` numbers, kept in memory by ``fit``),
+    ``P = I``, ``w = 1/(2λn)`` and ``f = −Φ_c`` (the target-class logit, oriented lower is
+    better), at the checkpoint whose last layer is the explained head (:attr:`weight_`,
+    :attr:`bias_`).
 
     **Sign:** positive = the training example pushes the query's logit of its target class up,
     i.e. toward that class: it *helps*. For cross-entropy ``α_{i,y_i} = (1 − p_{i,y_i})/(2λn) ≥
@@ -66,6 +102,7 @@ class RepresenterPoints(Estimator):
     *refitted* head (:attr:`weight_`, :attr:`bias_`), whose predictions usually agree with the
     model's (:attr:`refit_agreement_`). With ``refit=False`` the model's own head is used and
     the decomposition is only approximate: :attr:`stationarity_residual_` reports by how much.
+    Scores are computed in the model's precision (the head is rounded to it).
 
     Args:
         model: the network; evaluated functionally at ``checkpoint`` in eval mode (not modified).
@@ -84,6 +121,8 @@ class RepresenterPoints(Estimator):
             objective) that polish the L-BFGS result to ``tol``; a warning states the residual
             reached if ``tol`` is not met.
         batch_size: used when a Dataset (not a DataLoader) is given.
+        collate_fn: how examples of a Dataset become a batch.
+        query_block: queries scored together.
         progress: show tqdm progress bars.
 
     Attributes (after :meth:`fit`):
@@ -96,10 +135,13 @@ class RepresenterPoints(Estimator):
         refit_agreement_: fraction of training examples where the explained head and the model
             predict the same class (1.0 without refit).
 
-    Cost: ``fit`` is one forward pass over the training set plus the refit (each L-BFGS step
-    and each Newton-CG product costs ``O(n d̃ C)``); memory ``n × d̃`` features. ``score`` is
-    one forward pass per query and ``O(n_query n d̃)``. :meth:`self_influence` is ``O(n d̃)``,
-    free after fit. No per-example parameter gradients are ever formed.
+    Cost: ``fit`` is one forward pass over the training set, the refit (each L-BFGS step and each
+    Newton-CG product costs ``O(n d̃ C)``), and one forward pass plus a backward to the last
+    layer's output (the engine's capture, kept); memory ``n × (d̃ + C)`` twice (the float64
+    attributes and the capture). ``score`` / ``top_k`` are one forward and last-layer backward
+    per query and the engine's factored contraction, ``O(n_query n (d̃ + C))``; no per-example
+    parameter gradient is formed and the training set is not run again.
+    :meth:`self_influence` is ``O(n (d̃ + C))``, free after fit.
     """
 
     def __init__(
@@ -115,6 +157,8 @@ class RepresenterPoints(Estimator):
         max_iter: int = 500,
         newton_steps: int = 10,
         batch_size: int = 256,
+        collate_fn: Any = None,
+        query_block: int = 1024,
         progress: bool = True,
     ) -> None:
         if not isinstance(task, Task):
@@ -137,11 +181,6 @@ class RepresenterPoints(Estimator):
             raise ConfigurationError(f"max_iter must be an integer >= 1, got {max_iter!r}")
         if not isinstance(newton_steps, int) or newton_steps < 0:
             raise ConfigurationError(f"newton_steps must be an integer >= 0, got {newton_steps!r}")
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ConfigurationError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-        self.model = model
-        self.task = task
-        self.checkpoint = checkpoint
         self.layer, self._module = module_by_name(model, layer)
         if not isinstance(self._module, nn.Linear):
             raise ConfigurationError(
@@ -149,21 +188,46 @@ class RepresenterPoints(Estimator):
                 f"a {type(self._module).__name__}. Pass layer= the name of the final Linear "
                 "layer (the model's output must be that layer's output)."
             )
+        self.checkpoint = checkpoint
         self.l2 = float(l2)
         self.refit = refit
         self.tol = float(tol)
         self.max_iter = max_iter
         self.newton_steps = newton_steps
-        self.batch_size = batch_size
-        self.progress = progress
+        self._head_state: dict[str, Tensor] = {}  # the explained head, set by fit
+        self._logit_task = target_logit_task(task)  # f = Φ_c, the target-class logit
+        super().__init__(
+            model,
+            task,
+            [checkpoint],  # evaluated with its head replaced by the explained one (state())
+            # R: exact last-layer gradients; queries measure the target-class logit Φ_c
+            featurizer=ExactStream(
+                ExactGradients(model, self._logit_task, [self.layer]), keep_captures=True
+            ),
+            preconditioners=[Identity()],  # P = I
+            weights=[math.nan],  # w = 1/(2λn): set by fit, once n is known
+            batch_size=batch_size,
+            collate_fn=collate_fn,
+            query_block=query_block,
+            progress=progress,
+        )
+
+    # -- the state: the checkpoint with the explained head ---------------------------------------
+    def _param(self, kind: str) -> str:
+        return f"{self.layer}.{kind}" if self.layer else kind
+
+    def state(self, c: int) -> dict[str, Tensor]:
+        """The checkpoint's state with the last layer replaced by the explained head."""
+        state = dict(self.checkpoint.state_for(self.model))
+        for name, value in self._head_state.items():
+            state[name] = value.to(device=state[name].device, dtype=state[name].dtype)
+        return state
 
     # -- features --------------------------------------------------------------------------
     def _collect(
-        self, data: Data, state: dict[str, Tensor], desc: str
+        self, loader: DataLoader, state: dict[str, Tensor], desc: str
     ) -> tuple[Tensor, Tensor, Tensor | None]:
         """Features ``f`` ``[n, d]``, model outputs ``[n, C]`` and labels (or None) of ``data``."""
-        loader = as_loader(data, self.batch_size)
-        device = next(self.model.parameters()).device
         captured: list[tuple[Tensor, Tensor]] = []
 
         def hook(_module: nn.Module, inputs: tuple[Any, ...], output: Tensor) -> None:
@@ -174,7 +238,7 @@ class RepresenterPoints(Estimator):
         handle = self._module.register_forward_hook(hook)
         try:
             with eval_mode(self.model), torch.no_grad():
-                batches = iterate_batches(loader, device)
+                batches = iterate_batches(loader, self.device)
                 total = len(loader) if dataset_length(loader) is not None else None
                 for offset, batch in tqdm(
                     batches, total=total, desc=desc, unit="batch", disable=not self.progress
@@ -193,7 +257,7 @@ class RepresenterPoints(Estimator):
                             "examples or for none"
                         )
                     if y is not None:
-                        labels.append(y.reshape(-1).to(device))
+                        labels.append(y.reshape(-1).to(self.device))
         finally:
             handle.remove()
         if not feats:
@@ -313,24 +377,21 @@ class RepresenterPoints(Estimator):
             w = candidate
         return w
 
-    def fit(self, train: Data) -> RepresenterPoints:
-        """Compute training features, (re)fit the head and the representer values. Returns self.
-
-        Example ``i`` is the ``i``-th example in iteration order (a shuffled loader is refused).
-        """
+    def _before_fit(self, loader: DataLoader, n: int) -> None:
+        """Training features, the (re)fitted head, ``α`` and ``w = 1/(2λn)``; ``R``'s capture
+        then runs at the checkpoint with that head (:meth:`state`)."""
         state = self.checkpoint.state_for(self.model)
-        f, outputs, labels = self._collect(train, state, "Representer fit")
+        f, outputs, labels = self._collect(loader, state, "Representer fit")
         if labels is None:
             raise BatchFormatError(
                 "representer points need the training labels; the training batches have none"
             )
         features = self._augment(f)
-        weight = state[f"{self.layer}.weight" if self.layer else "weight"].to(torch.float64)
-        bias_name = f"{self.layer}.bias" if self.layer else "bias"
+        weight = state[self._param("weight")].to(torch.float64)
         w = (
             weight
             if self._module.bias is None
-            else torch.cat([weight, state[bias_name].to(torch.float64)[:, None]], dim=1)
+            else torch.cat([weight, state[self._param("bias")].to(torch.float64)[:, None]], dim=1)
         )
         if self.refit:
             w = self._refit(w, features, labels)
@@ -344,7 +405,7 @@ class RepresenterPoints(Estimator):
                 "decomposition Σ α_i k(x_i, x') is off by about that "
                 "fraction of the logits. Raise max_iter, or l2 (better conditioned).",
                 RuntimeWarning,
-                stacklevel=2,
+                stacklevel=4,  # the caller of fit
             )
         self.features_ = features
         self.labels_ = labels
@@ -352,13 +413,24 @@ class RepresenterPoints(Estimator):
         self.weight_ = w[:, : f.shape[1]].clone()
         self.bias_ = w[:, -1].clone() if self._module.bias is not None else None
         self.stationarity_residual_ = residual
-        head = features @ w.T
         self.refit_agreement_ = float(
-            (_predicted(head) == _predicted(outputs.to(torch.float64))).double().mean()
+            (_predicted(features @ w.T) == _predicted(outputs.to(torch.float64))).double().mean()
         )
         self._dtype = outputs.dtype
-        self.n_train_ = int(features.shape[0])
-        return self
+        self._head_state = {self._param("weight"): self.weight_}
+        if self.bias_ is not None:
+            self._head_state[self._param("bias")] = self.bias_
+        self.weights = [1.0 / (2.0 * self.l2 * n)]  # w = 1/(2λn)
+
+    def fit(self, train: Data) -> RepresenterPoints:
+        """Compute training features, (re)fit the head and the representer values, and capture
+        the last layer's training gradients at the explained head. Returns self.
+
+        Example ``i`` is the ``i``-th example in iteration order (a shuffled loader is refused).
+        """
+        if train is None:
+            raise ConfigurationError("RepresenterPoints.fit() needs the training data")
+        return super().fit(train)
 
     # -- scores --------------------------------------------------------------------------------
     def _check_classification(self) -> None:
@@ -369,32 +441,18 @@ class RepresenterPoints(Estimator):
                 ".decompose(queries), the representer decomposition of every output."
             )
 
-    def _target_weights(self, head: Tensor, labels: Tensor | None) -> Tensor:
-        """``[n, C]`` one-hot (±1 for a single binary logit) rows selecting each target."""
-        outputs = head.shape[1]
-        use = labels is not None and getattr(self.task, "use_labels", True)
-        if outputs == 1:
-            cls = labels.long() if use else (head[:, 0] > 0).long()
-            return (2.0 * cls.to(head.dtype) - 1.0)[:, None]
-        cls = labels.long() if use else head.argmax(dim=1)
-        if bool((cls < 0).any()) or bool((cls >= outputs).any()):
-            raise BatchFormatError(f"labels must lie in [0, {outputs}), got {cls.tolist()[:10]}")
-        return torch.nn.functional.one_hot(cls, outputs).to(head.dtype)
-
-    def _query(self, queries: Data) -> tuple[Tensor, Tensor | None]:
-        state = self.checkpoint.state_for(self.model)
-        f, _, labels = self._collect(queries, state, "Representer score")
-        return self._augment(f), labels
-
     def _score_blocks(self, queries: Data) -> Iterator[Tensor]:
         self._check_classification()
-        features, labels = self._query(queries)
-        for start in range(0, features.shape[0], self.batch_size):
-            fq = features[start : start + self.batch_size]
-            lq = labels[start : start + self.batch_size] if labels is not None else None
-            kernel = fq @ self.features_.T  # [b, n]
-            select = self._target_weights(fq @ self._head().T, lq)  # [b, C]
-            yield (kernel * (select @ self.alpha_.T)).to(self._dtype)
+        yield from super()._score_blocks(queries)
+
+    def top_k(
+        self, queries: Data, k: int = 10, *, method: Literal["exact", "auto", "faiss"] = "exact"
+    ) -> TopK:
+        """The ``k`` strongest proponents and opponents of each query, ``[n_query, k]`` each
+        (exact, streamed against the kept last-layer captures)."""
+        self._check_fitted()
+        self._check_classification()
+        return super().top_k(queries, k, method=method)
 
     def _head(self) -> Tensor:
         if self.bias_ is None:
@@ -409,23 +467,29 @@ class RepresenterPoints(Estimator):
         Cost: one forward pass per query and ``O(n_query n d̃)``.
         """
         self._check_fitted()
-        features, _ = self._query(queries)
-        return (features @ self.features_.T) @ self.alpha_
+        state = self.checkpoint.state_for(self.model)
+        f, _, _ = self._collect(self._loader(queries), state, "Representer decompose")
+        return (self._augment(f) @ self.features_.T) @ self.alpha_
 
     def self_influence(self) -> Tensor:
-        """``α_{i,y_i} · ‖f̃_i‖²`` per training example, ``[n_train]`` (diagonal of
-        ``score(train, train)``).
+        """``α_{i,y_i} · ‖f̃_i‖²`` per training example, ``[n_train]``: the diagonal of
+        ``score(train, train)``, ``w · ⟨∇_W̃ f(x_i), ∇_W̃ L(x_i)⟩`` with the query measurement
+        ``f = −Φ_{y_i}`` (not the loss: this is not ``w ‖∇L‖²``).
 
         For cross-entropy ``α_{i,y_i} = (1 − p_{i,y_i})/(2λn) ≥ 0``: large for examples the head
         fits poorly (mislabeled, atypical) and with large features. The paper ranks training
         examples by ``|α_{i,y_i}|`` instead; that is ``alpha_`` indexed by ``labels_``. Cost:
-        ``O(n d̃)``, free after fit.
+        ``O(n (d̃ + C))``, free after fit.
         """
         self._check_fitted()
         self._check_classification()
-        select = self._target_weights(self.features_ @ self._head().T, self.labels_)
-        own = (select * self.alpha_).sum(dim=1)
-        return (own * (self.features_**2).sum(dim=1)).to(self._dtype)
+        # both gradients are rank one on the same features: ⟨a f̃ᵀ, b f̃ᵀ⟩ = (a · b) ‖f̃‖², with
+        # a = ∂f/∂Φ from the task's own target-class logit and w · b = w · ∂L/∂Φ = −α
+        logits = (self.features_ @ self._head().T).requires_grad_(True)
+        measured = self._logit_task.oriented_measurement(logits, (self.features_, self.labels_))
+        (d_measure,) = torch.autograd.grad(measured.sum(), logits)
+        own = -(d_measure * self.alpha_).sum(dim=1)
+        return (own * self.features_.square().sum(dim=1)).to(self._dtype)
 
 
 def _conjugate_gradient(matvec: Any, b: Tensor, *, tol: float, max_iter: int) -> Tensor:

@@ -151,12 +151,21 @@ class ExactStream:
     norms (``[U, n]`` per checkpoint: self-influence for ``P = I`` and the normalized variants)
     and a full-content fingerprint of the training data, unless the estimator needs neither.
     ``score`` / ``top_k`` stream (module docs); ``top_k`` is always exact.
+
+    ``keep_captures=True`` keeps the training captures of ``fit``'s pass in memory (on the
+    model's device) and contracts every query block with them, instead of capturing the training
+    set again per block: for a small set of layers whose factors are small (representer points'
+    last layer: ``n × (d_in + 1 + d_out)`` numbers), it saves one forward pass over the training
+    set per query block. Memory grows with ``n``: leave it off for full models.
     """
 
     kind = "exact"
 
-    def __init__(self, engine: ExactGradients) -> None:
+    def __init__(self, engine: ExactGradients, *, keep_captures: bool = False) -> None:
         self.engine = engine
+        self.keep_captures = bool(keep_captures)
+        #: per checkpoint, ``[(offset, capture)]`` of every training batch (``keep_captures``)
+        self._kept: list[list[tuple[int, Capture]]] | None = None
 
     @property
     def names(self) -> list[str]:
@@ -174,7 +183,10 @@ class ExactStream:
 
     def fit(self, est: GradientEstimator, loader: DataLoader, n: int) -> None:
         est.train_sq_norms_ = None
-        if self._needs_norms(est):
+        self._kept = None
+        if self.keep_captures:
+            self._fit_kept(est, loader, n)
+        elif self._needs_norms(est):
             hasher = DataHasher()
             est.train_sq_norms_ = [
                 train_sq_norms(
@@ -193,6 +205,48 @@ class ExactStream:
             est.data_fingerprint_ = hasher.hexdigest()
         self._train = loader
 
+    def _fit_kept(self, est: GradientEstimator, loader: DataLoader, n: int) -> None:
+        """One capture pass per checkpoint, kept; the norms and fingerprint come from it."""
+        hasher = DataHasher()
+        kept: list[list[tuple[int, Capture]]] = []
+        norms: list[Tensor] = []
+        for c in range(len(est.checkpoints)):
+            state, where = est.state(c), est.checkpoint_names[c]
+            caps: list[tuple[int, Capture]] = []
+            sq: Tensor | None = None
+            bar = _bar(n, f"capturing the training set ({where})", est.progress)
+            for offset, batch in iterate_batches(loader, est.device):
+                if c == 0:
+                    hasher.update(batch)
+                cap = self.engine.capture(state, batch, "loss", offset=offset, where=where)
+                part = self.engine.sq_norms(cap, per_unit=True)
+                _check_finite(part.sum(0), offset, where, "a squared gradient norm")
+                if sq is None:
+                    sq = part.new_zeros(part.shape[0], n)
+                sq[:, offset : offset + cap.size] = part
+                caps.append((offset, cap))
+                bar.update(cap.size)
+            bar.close()
+            if sq is None:
+                raise ConfigurationError("the training data set is empty")
+            kept.append(caps)
+            norms.append(sq)
+        self._kept = kept
+        est.train_sq_norms_ = norms
+        est.data_fingerprint_ = hasher.hexdigest()
+
+    def _train_captures(
+        self, est: GradientEstimator, c: int, state: State
+    ) -> Iterator[tuple[int, Capture]]:
+        """``(offset, capture)`` of every training batch at checkpoint ``c``: the kept ones, or
+        a fresh capture pass."""
+        if self._kept is not None:
+            yield from self._kept[c]
+            return
+        where = est.checkpoint_names[c]
+        for offset, batch in iterate_batches(self._train, est.device):
+            yield offset, self.engine.capture(state, batch, "loss", offset=offset, where=where)
+
     # -- the passes --------------------------------------------------------------------------------
     def _block_scores(
         self,
@@ -203,8 +257,8 @@ class ExactStream:
         """Stream one block of queries: ``consume(c·n + train offset, scores [m, B])`` per
         checkpoint ``c`` and training batch. Returns ``m``."""
         engine, states, weights = self.engine, est.state, est.weights
-        preconditioners, names, train = est.preconditioners, est.checkpoint_names, self._train
-        device, n, progress = est.device, est.n_train_, est.progress
+        preconditioners, names = est.preconditioners, est.checkpoint_names
+        n, progress = est.n_train_, est.progress
         normalize, layerwise, train_norms = est.normalize, est.layerwise, est.train_sq_norms_
         m = sum(batch_size_of(batch) for _, batch in queries)
         # per checkpoint: load its state once, precondition the queries, then one pass over the
@@ -219,8 +273,7 @@ class ExactStream:
                 qn = torch.cat(norms, dim=-1).unsqueeze(-1)
             del caps
             bar = _bar(n, f"scoring {m} queries ({names[c]})", progress)
-            for offset, batch in iterate_batches(train, device):
-                cap = engine.capture(state, batch, "loss", offset=offset, where=names[c])
+            for offset, cap in self._train_captures(est, c, state):
                 parts = [engine.dot(cap, d, per_unit=layerwise) for d in dirs]
                 block = torch.cat(parts, dim=-2)  # [m, B] or [U, m, B]
                 if normalize:
@@ -307,14 +360,13 @@ class ExactStream:
                 total += w * sq.sum(0).cpu()
             return total
         engine, states, weights = self.engine, est.state, est.weights
-        preconditioners, names, train = est.preconditioners, est.checkpoint_names, self._train
-        device, n, progress = est.device, est.n_train_, est.progress
+        preconditioners, names = est.preconditioners, est.checkpoint_names
+        n, progress = est.n_train_, est.progress
         out: Tensor | None = None
         for c, precond in enumerate(preconditioners):
             state = states(c)
             bar = _bar(n, f"self-influence ({names[c]})", progress)
-            for offset, batch in iterate_batches(train, device):
-                cap = engine.capture(state, batch, "loss", offset=offset, where=names[c])
+            for offset, cap in self._train_captures(est, c, state):
                 values = precond.quadratic(engine, cap) * weights[c]
                 _check_finite(values, offset, names[c], "self-influence")
                 if out is None:
