@@ -377,6 +377,13 @@ def _grid(ctx: dict, quick: bool) -> list[tuple[str, str, object]]:
     def trak_default(m):
         return lambda: run(tt.TRAK(model, task, ensemble[:m], progress=False))
 
+    margin = tt.Classification("margin")  # the TRAK paper's (and traker's) output function
+
+    def trak_margin(m, projection):
+        return lambda: run(
+            tt.TRAK(model, margin, ensemble[:m], projection=projection, progress=False)
+        )
+
     def tracin(c):
         return lambda: run(tt.TracIn(model, task, ckpts[c], progress=False))
 
@@ -455,6 +462,15 @@ def _grid(ctx: dict, quick: bool) -> list[tuple[str, str, object]]:
             rows.append(
                 ("TRAK", f"{m} models, {kind} k={k}", trak(m, tt.Projection(dim=k, kind=kind)))
             )
+    rows.append(("TRAK", "auto projection, 5 models, margin", trak_margin(5, "auto")))
+    for k in (32, 128):  # the auto width is 64 here
+        rows.append(
+            (
+                "TRAK",
+                f"5 models, gaussian k={k}, margin",
+                trak_margin(5, tt.Projection(dim=k, kind="gaussian")),
+            )
+        )
     return rows
 
 
@@ -714,9 +730,11 @@ def print_acceptance(results: list[dict]) -> None:
     peers = [r for r in scored if r["lib"] == "peer"]
     if ours and peers:
         a, b = max(ours, key=lambda r: mean[id(r)]), max(peers, key=lambda r: mean[id(r)])
+        dm, dse = _mean_se(a["per_query"] - b["per_query"])
         print(
             f"\ntraintrace best {a['family']} ({a['setting']}) {mean[id(a)]:.3f} vs best peer "
-            f"{b['family']} ({b['setting']}) {mean[id(b)]:.3f}"
+            f"{b['family']} ({b['setting']}) {mean[id(b)]:.3f}: paired difference "
+            f"{dm:+.3f} ± {dse:.3f}"
         )
 
 
