@@ -127,6 +127,7 @@ from traintrace.task import Task
 __all__ = ["EKFAC", "KFAC", "KroneckerBlock", "KroneckerInverse"]
 
 _CHUNK_ELEMENTS = 1 << 24  # cap on the per-example rotated-gradient buffer of the EK-FAC refit
+_GRAM_CHUNK = 1 << 22  # cap on the per-example Gram buffer [chunk, d, d] of the factors
 #: Largest side of a dense Kronecker factor (``d × d``, 2 GiB in float64 at 16384). A layer with a
 #: larger one (an untied ``lm_head``'s ``S`` or a tied embedding's ``A`` over a real vocabulary)
 #: gets a diagonal block instead, reported in ``coverage``.
@@ -985,12 +986,17 @@ class _Fitter:
             x = side[:, :, 0].to(work)  # [B, d] (a view of the capture's storage)
             acc += (x.T @ x).to(acc.dtype)
         else:
-            # Σ_b X_b X_bᵀ example by example: no transposed copy of [B·T, d] (a convolution's
-            # patches are channel-major), which costs as much as the product itself
+            # Σ_b X_b X_bᵀ by batched products of a few examples at a time: no transposed copy
+            # of [B·T, d] (a convolution's patches are channel-major), which costs as much as
+            # the product itself, and a bmm spreads over the threads where single GEMMs of one
+            # example's [d, T] do not
             x = side.to(work)
+            d = x.shape[1]
+            step = max(1, _GRAM_CHUNK // (d * d))
             gram = x.new_zeros(acc.shape)
-            for example in x:
-                gram.addmm_(example, example.T)
+            for start in range(0, x.shape[0], step):
+                part = x[start : start + step]
+                gram += torch.bmm(part, part.transpose(1, 2)).sum(0)
             acc += gram.to(acc.dtype)
 
     def _accumulate_diag(self, cap: Capture) -> None:
