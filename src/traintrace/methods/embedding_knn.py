@@ -31,15 +31,13 @@ from traintrace.features.params import module_by_name
 from traintrace.methods.base import Data
 from traintrace.methods.gradient import GradientEstimator
 from traintrace.methods.preconditioners import Identity
-from traintrace.retrieval import exact as exact_retrieval
-from traintrace.retrieval.faiss_index import top_k as retrieval_top_k
-from traintrace.retrieval.topk import TopK
+from traintrace.methods.stored import FeatureServing
 from traintrace.task import Task
 
 __all__ = ["EmbeddingKNN", "LayerInputs"]
 
 
-class LayerInputs:
+class LayerInputs(FeatureServing):
     """The featurizer ``φ(x)`` = the flattened input of one module (no gradient), in memory.
 
     Same interface as :class:`~traintrace.methods.streaming.ExactStream` and
@@ -73,10 +71,8 @@ class LayerInputs:
     def describe(self) -> dict[str, Any]:
         return {"featurizer": "layer inputs", "layer": self.layer}
 
-    def embed(
-        self, state: dict[str, Tensor], loader: DataLoader, device: torch.device, progress: bool
-    ) -> Iterator[Tensor]:
-        """The embeddings ``[B, d]`` of every batch of ``loader`` at ``state``."""
+    def _forward(self, state: dict[str, Tensor], batch: Any) -> Tensor:
+        """The embeddings ``[B, d]`` of one batch at ``state``."""
         captured: list[Tensor] = []
 
         def hook(_module: nn.Module, inputs: tuple[Any, ...]) -> None:
@@ -85,24 +81,29 @@ class LayerInputs:
         handle = self.module.register_forward_pre_hook(hook)
         try:
             with eval_mode(self.model), torch.no_grad():
-                for _, batch in tqdm(
-                    iterate_batches(loader, device),
-                    desc="embedding",
-                    unit="batch",
-                    disable=not progress,
-                    leave=False,
-                ):
-                    captured.clear()
-                    forward_at(self.model, self.task, state, batch)
-                    if len(captured) != 1:
-                        raise ConfigurationError(
-                            f"layer {self.layer!r} ran {len(captured)} times in one forward "
-                            "pass; its input is an example's embedding only if it runs once: "
-                            "pass layer= a module that runs once per forward pass"
-                        )
-                    yield captured[0]
+                forward_at(self.model, self.task, state, batch)
         finally:
             handle.remove()
+        if len(captured) != 1:
+            raise ConfigurationError(
+                f"layer {self.layer!r} ran {len(captured)} times in one forward pass; its input "
+                "is an example's embedding only if it runs once: pass layer= a module that runs "
+                "once per forward pass"
+            )
+        return captured[0]
+
+    def embed(
+        self, state: dict[str, Tensor], loader: DataLoader, device: torch.device, progress: bool
+    ) -> Iterator[Tensor]:
+        """The embeddings ``[B, d]`` of every batch of ``loader`` at ``state``."""
+        for _, batch in tqdm(
+            iterate_batches(loader, device),
+            desc="embedding",
+            unit="batch",
+            disable=not progress,
+            leave=False,
+        ):
+            yield self._forward(state, batch)
 
     def _embed_all(self, est: GradientEstimator, c: int, loader: DataLoader) -> Tensor:
         parts = list(self.embed(est.state(c), loader, est.device, est.progress))
@@ -115,54 +116,13 @@ class LayerInputs:
             self._embed_all(est, c, loader).cpu() for c in range(len(est.checkpoints))
         ]
 
-    def _query_blocks(self, est: GradientEstimator, queries: DataLoader) -> Iterator[list[Tensor]]:
-        """Per checkpoint, ``P_c φ(z')`` ``[m, d]`` (on the CPU) for blocks of queries."""
-        streams = [
-            self.embed(est.state(c), queries, est.device, False)
-            for c in range(len(est.checkpoints))
-        ]
-        pending: list[list[Tensor]] = [[] for _ in streams]
-        count = 0
-        for parts in zip(*streams, strict=True):
-            for c, part in enumerate(parts):
-                pending[c].append(part)
-            count += parts[0].shape[0]
-            if count >= est.query_block:
-                yield self._prepared(est, pending)
-                pending, count = [[] for _ in streams], 0
-        if count:
-            yield self._prepared(est, pending)
+    def _train_rows(self, est: GradientEstimator) -> list[Tensor]:
+        return est.train_features_
 
-    @staticmethod
-    def _prepared(est: GradientEstimator, pending: list[list[Tensor]]) -> list[Tensor]:
-        return [
-            p.apply_features(torch.cat(q)).cpu()
-            for p, q in zip(est.preconditioners, pending, strict=True)
-        ]
-
-    def score_blocks(self, est: GradientEstimator, queries: DataLoader) -> Iterator[Tensor]:
-        """Exact score blocks ``[m_block, n]``: ``Σ_c w_c ⟨P_c φ_c(z'), φ_c(z)⟩`` (cosine when
-        ``est.normalize == "cosine"``)."""
-        for qs in self._query_blocks(est, queries):
-            yield exact_retrieval.score(
-                est.train_features_, qs, est.weights, normalize=est.normalize == "cosine"
-            )
-
-    def top_k(self, est: GradientEstimator, queries: DataLoader, k: int, method: str) -> TopK:
-        """Exact top-``k`` by streaming blocks of training rows (or a FAISS index built on the
-        in-memory embeddings per call, when ``method="faiss"``)."""
-        parts = [
-            retrieval_top_k(
-                est.train_features_,
-                qs,
-                est.weights,
-                k,
-                normalize=est.normalize == "cosine",
-                method=method,  # type: ignore[arg-type]
-            )
-            for qs in self._query_blocks(est, queries)
-        ]
-        return TopK.concat(parts)
+    def _query_features(
+        self, est: GradientEstimator, c: int, state: dict[str, Tensor], batch: Any, offset: int
+    ) -> Tensor:
+        return self._forward(state, batch)
 
     def self_influence(self, est: GradientEstimator) -> Tensor:
         raise ConfigurationError(

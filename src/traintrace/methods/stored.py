@@ -35,7 +35,7 @@ from traintrace.retrieval.topk import TopK
 if TYPE_CHECKING:
     from traintrace.methods.gradient import GradientEstimator
 
-__all__ = ["ProjectedStore", "distributed_rank"]
+__all__ = ["FeatureServing", "ProjectedStore", "distributed_rank"]
 
 _GIB = 2**30
 StoreDtype = Literal["float16", "float32", "float64"]
@@ -60,7 +60,77 @@ def _chunk_loader(loader: DataLoader, start: int, stop: int, batch_size: int) ->
     )
 
 
-class ProjectedStore:
+class FeatureServing:
+    """Queries against training features held by the featurizer: written once here.
+
+    A subclass gives the training rows (:meth:`_train_rows`: an on-disk store or in-memory
+    ``[n, width]`` tensors per checkpoint, whatever :mod:`traintrace.retrieval` reads) and one
+    batch's query features at one checkpoint (:meth:`_query_features`); queries are featurized in
+    blocks of ``est.query_block``, preconditioned (``P_c``, ``apply_features``) and scored by one
+    streaming pass over the training rows (or a FAISS index when asked for).
+    """
+
+    def _train_rows(self, est: GradientEstimator) -> Any:
+        raise NotImplementedError
+
+    def _query_features(
+        self, est: GradientEstimator, c: int, state: dict[str, Tensor], batch: Any, offset: int
+    ) -> Tensor:
+        raise NotImplementedError
+
+    def _query_blocks(self, est: GradientEstimator, queries: DataLoader) -> Iterator[list[Tensor]]:
+        """Per-checkpoint preconditioned query features ``[m, width]`` (on the CPU) per block."""
+        states = [est.state(c) for c in range(len(est.checkpoints))]
+        pending: list[list[Tensor]] = [[] for _ in states]
+        count = 0
+        for offset, batch in tqdm(
+            iterate_batches(queries, est.device),
+            desc=f"{type(est).__name__} queries",
+            unit="batch",
+            disable=not est.progress,
+            leave=False,
+        ):
+            for c, state in enumerate(states):
+                pending[c].append(self._query_features(est, c, state, batch, offset))
+            count += batch_size_of(batch)
+            if count >= est.query_block:
+                yield self._prepared(est, pending)
+                pending, count = [[] for _ in states], 0
+        if count:
+            yield self._prepared(est, pending)
+
+    @staticmethod
+    def _prepared(est: GradientEstimator, pending: list[list[Tensor]]) -> list[Tensor]:
+        return [
+            p.apply_features(torch.cat(q)).cpu()
+            for p, q in zip(est.preconditioners, pending, strict=True)
+        ]
+
+    def score_blocks(self, est: GradientEstimator, queries: DataLoader) -> Iterator[Tensor]:
+        """Exact score blocks ``[m_block, n]``: ``Σ_c w_c ⟨P_c φ_c(z'), φ_c(z)⟩`` (cosine when
+        ``est.normalize == "cosine"``)."""
+        for qs in self._query_blocks(est, queries):
+            yield exact_retrieval.score(
+                self._train_rows(est), qs, est.weights, normalize=est.normalize == "cosine"
+            )
+
+    def top_k(self, est: GradientEstimator, queries: DataLoader, k: int, method: str) -> TopK:
+        """Exact top-``k`` by streaming blocks of training rows, or FAISS with ``"faiss"``."""
+        parts = [
+            retrieval_top_k(
+                self._train_rows(est),
+                qs,
+                est.weights,
+                k,
+                normalize=est.normalize == "cosine",
+                method=method,  # type: ignore[arg-type]
+            )
+            for qs in self._query_blocks(est, queries)
+        ]
+        return TopK.concat(parts)
+
+
+class ProjectedStore(FeatureServing):
     """``R`` = a projection (or none), with the training features kept in a store.
 
     Args:
@@ -305,61 +375,14 @@ class ProjectedStore:
         store.require_complete()
 
     # -- queries ---------------------------------------------------------------------------------
-    def _query_blocks(self, est: GradientEstimator, queries: DataLoader) -> Iterator[list[Tensor]]:
-        """Per-checkpoint preconditioned query features ``[m, width]`` (on the CPU) per block."""
-        states = [est.state(c) for c in range(len(est.checkpoints))]
-        pending: list[list[Tensor]] = [[] for _ in states]
-        count = 0
-        for offset, batch in tqdm(
-            iterate_batches(queries, est.device),
-            desc=f"{type(est).__name__} queries",
-            unit="batch",
-            disable=not est.progress,
-            leave=False,
-        ):
-            for c, state in enumerate(states):
-                pending[c].append(
-                    self.features.features(
-                        state,
-                        batch,
-                        "measurement",
-                        offset=offset,
-                        where=f"{est.checkpoint_names[c]} (query)",
-                    )
-                )
-            count += batch_size_of(batch)
-            if count >= est.query_block:
-                yield self._prepared(est, pending)
-                pending, count = [[] for _ in states], 0
-        if count:
-            yield self._prepared(est, pending)
+    def _train_rows(self, est: GradientEstimator) -> FeatureStore:
+        return est.store_
 
-    @staticmethod
-    def _prepared(est: GradientEstimator, pending: list[list[Tensor]]) -> list[Tensor]:
-        return [
-            p.apply_features(torch.cat(q)).cpu()
-            for p, q in zip(est.preconditioners, pending, strict=True)
-        ]
-
-    def score_blocks(self, est: GradientEstimator, queries: DataLoader) -> Iterator[Tensor]:
-        for qs in self._query_blocks(est, queries):
-            yield exact_retrieval.score(
-                est.store_, qs, est.weights, normalize=est.normalize == "cosine"
-            )
-
-    def top_k(self, est: GradientEstimator, queries: DataLoader, k: int, method: str) -> TopK:
-        parts = [
-            retrieval_top_k(
-                est.store_,
-                qs,
-                est.weights,
-                k,
-                normalize=est.normalize == "cosine",
-                method=method,  # type: ignore[arg-type]
-            )
-            for qs in self._query_blocks(est, queries)
-        ]
-        return TopK.concat(parts)
+    def _query_features(
+        self, est: GradientEstimator, c: int, state: dict[str, Tensor], batch: Any, offset: int
+    ) -> Tensor:
+        where = f"{est.checkpoint_names[c]} (query)"
+        return self.features.features(state, batch, "measurement", offset=offset, where=where)
 
     def self_influence(self, est: GradientEstimator) -> Tensor:
         """``Σ_c w_c gᵀ P_c g`` from the stored rows (``P = I``: the stored norms only)."""
