@@ -102,6 +102,25 @@ def test_scores_equal_the_explicit_trajectory_sum(recorded, measurement):
     torch.testing.assert_close(top.proponents.scores, expected.topk(3, dim=1).values)
 
 
+def test_an_accumulator_read_from_disk_gives_the_same_results_as_one_in_memory(recorded):
+    _, model, rec, states, x, y = recorded
+    xq, yq = tiny_data(5, seed=2)
+    train, queries = TensorDataset(x, y), TensorDataset(xq, yq)
+    memory = HYDRA(model, tt.Classification(), rec, progress=False).fit(train)
+    disk = HYDRA(model, tt.Classification(), rec, max_feature_gib=0, query_block=2, progress=False)
+    disk.fit(train)
+    assert isinstance(memory.train_features_, list)
+    assert not isinstance(disk.train_features_, list)  # read block by block, never loaded
+    expected = memory.score(queries)
+    torch.testing.assert_close(disk.score(queries), expected, rtol=0, atol=0)
+    top = disk.top_k(queries, k=4)
+    torch.testing.assert_close(top.proponents.scores, expected.topk(4, dim=1).values)
+    torch.testing.assert_close(disk.self_influence(), memory.self_influence(), rtol=0, atol=0)
+    # R × P × w: the recorded sums, the identity, weight 1
+    assert type(disk.featurizer).__name__ == "RecordedTrajectory"
+    assert type(disk.preconditioners[0]).__name__ == "Identity" and disk.weights == [1.0]
+
+
 def test_self_influence_is_the_diagonal_at_the_final_parameters(recorded):
     _, model, rec, states, x, y = recorded
     hydra = HYDRA(model, tt.Classification(), rec, progress=False).fit(TensorDataset(x, y))

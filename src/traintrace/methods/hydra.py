@@ -38,10 +38,14 @@ from traintrace.checkpoints import Checkpoint
 from traintrace.data import as_loader, batch_size_of, dataset_length, iterate_batches, to_plain
 from traintrace.exceptions import ConfigurationError, NotFittedError
 from traintrace.features.params import Layers, select_parameters
-from traintrace.methods.base import Data, Estimator
+from traintrace.methods.base import Data
+from traintrace.methods.gradient import GradientEstimator
+from traintrace.methods.preconditioners import Identity
+from traintrace.methods.stored import FeatureServing
+from traintrace.retrieval.exact import as_feature_source
 from traintrace.task import Task
 
-__all__ = ["HYDRA", "TrajectoryRecorder"]
+__all__ = ["HYDRA", "RecordedTrajectory", "TrajectoryRecorder"]
 
 _FORMAT = "traintrace.hydra/1"
 _META = "meta.json"
@@ -673,7 +677,119 @@ class TrajectoryRecorder:
 
 
 # -- the estimator --------------------------------------------------------------------------------
-class HYDRA(Estimator):
+class _RecordedRows:
+    """The recorder's accumulator as a retrieval feature source, read from disk in row blocks
+    (:class:`~traintrace.retrieval.exact.FeatureSource`): nothing of size ``n × width`` is
+    loaded; the operating system caches the file."""
+
+    checkpoints = 1
+
+    def __init__(self, recorder: TrajectoryRecorder) -> None:
+        self._rec = recorder
+        self.n, self.width = recorder.n_train, recorder.width
+        self.read_dtype = recorder.dtype
+
+    def read(
+        self, checkpoint: int, start: int = 0, stop: int | None = None, *, out: Tensor | None = None
+    ) -> Tensor:
+        rows = torch.from_numpy(np.array(self._rec._acc[start:stop]))
+        if out is None:
+            return rows
+        out.copy_(rows)
+        return out
+
+    def norms(self, checkpoint: int, start: int = 0, stop: int | None = None) -> Tensor:
+        return self.read(checkpoint, start, stop).norm(dim=1)
+
+
+class RecordedTrajectory(FeatureServing):
+    """``R`` = the step-weighted gradient sums ``a_i`` a :class:`TrajectoryRecorder` wrote.
+
+    ``fit`` opens the recorder's store (no pass over the training data): its accumulator is the
+    training side, in memory when at most ``max_feature_gib``, else read from disk block by block.
+    The query side is the recorder's featurizer (exact or projected gradients) rebuilt for the
+    estimator's model and task, so queries use that task's measurement. Scores and top-k go
+    through the shared retrieval (:class:`~traintrace.methods.stored.FeatureServing`).
+    """
+
+    kind = "trajectory"
+
+    def __init__(
+        self,
+        recorder: TrajectoryRecorder | str | os.PathLike[str],
+        *,
+        projection: Any,
+        max_feature_gib: float,
+    ) -> None:
+        self.recorder = recorder
+        self.projection = projection
+        self.max_feature_gib = max_feature_gib
+        self.names: list[str] = []
+        self.coverage: dict[str, str] = {}
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "featurizer": "recorded trajectory",
+            "store": str(getattr(self.recorder, "path", self.recorder)),
+        }
+
+    def fit(self, est: GradientEstimator, loader: Any, n: int | None) -> None:
+        rec = self.recorder
+        if not isinstance(rec, TrajectoryRecorder):
+            rec = TrajectoryRecorder(
+                est.model, est.task, None, rec, mode="read", projection=self.projection
+            )
+        rec._flush_if_writable()
+        if rec.steps_on_disk == 0:
+            raise ConfigurationError(
+                f"the HYDRA store {rec.path!r} holds no recorded steps; call "
+                "recorder.record(batch, indices, lr) once per optimizer step during training"
+            )
+        params = dict(est.model.named_parameters())
+        shapes = [
+            [name, list(params[name].shape) if name in params else None]
+            for name, _ in rec._meta["parameters"]
+        ]
+        if shapes != rec._meta["parameters"]:
+            raise ConfigurationError(
+                f"the HYDRA store was recorded for parameters {rec._meta['parameters']}, but the "
+                f"model has {shapes}"
+            )
+        if n is not None and n != rec.n_train:
+            raise ConfigurationError(
+                f"the training data has {n} examples but the HYDRA store was recorded with "
+                f"n_train={rec.n_train}"
+            )
+        gradients = rec.featurizer_for(est.model, est.task)
+        if int(gradients.width) != rec.width:
+            raise ConfigurationError(
+                f"the query featurizer gives width {gradients.width} but the store holds "
+                f"{rec.width} columns"
+            )
+        self.gradients = gradients
+        self.names = list(rec.parameter_names)
+        self.coverage = {name: f"recorded:{rec.projection_spec['kind']}" for name in self.names}
+        itemsize = 8 if rec.dtype == torch.float64 else 4
+        size_gib = rec.n_train * rec.width * itemsize / _GIB
+        est.recorder_ = rec
+        est.counts_ = rec.counts()
+        est.train_features_ = (
+            [rec.accumulator()] if size_gib <= self.max_feature_gib else _RecordedRows(rec)
+        )
+
+    def _train_rows(self, est: GradientEstimator) -> Any:
+        return est.train_features_
+
+    def _query_features(
+        self, est: GradientEstimator, c: int, state: dict[str, Tensor], batch: Any, offset: int
+    ) -> Tensor:
+        return self.gradients.features(state, batch, "measurement", f"query batch at {offset}")
+
+    def self_influence(self, est: GradientEstimator) -> Tensor:  # pragma: no cover - HYDRA's own
+        raise NotImplementedError
+
+
+class HYDRA(GradientEstimator):
     """HYDRA scores from a recorded training trajectory.
 
     ``score(z_i, z') = ∇f(z', θ_T) · a_i``,  ``a_i = Σ_{t : i ∈ B_t} (η_t / B_t) ∇l(z_i, θ_t)``
@@ -684,6 +800,10 @@ class HYDRA(Estimator):
     parameters ``θ_T``. This is *minus* Chen et al.'s Hessian-free hypergradient
     ``∂f(z', θ_T)/∂w_i`` of the query measurement w.r.t. example ``i``'s weight in every SGD step
     that used it; with a single recorded step it is the exact derivative.
+
+    Composition (:mod:`traintrace.methods.gradient`): ``R`` = the recorded sums ``a_i``
+    (:class:`RecordedTrajectory`; the query side is the recorder's gradient featurizer at
+    ``θ_T``), ``P = I``, ``w = 1``, one checkpoint ``θ_T``.
 
     **Sign:** positive = the training example *helps* the query (up-weighting it in training
     would have lowered the query's loss / raised its margin). **Orientation:** ``[n_query,
@@ -699,12 +819,14 @@ class HYDRA(Estimator):
             is read from the store).
         batch_size: batch size used when Datasets are given.
         max_feature_gib: the accumulator is loaded into memory at ``fit`` when it is at most
-            this size, else streamed from disk for every query batch.
+            this size, else read from disk in blocks for every query block.
+        query_block: queries featurized and scored together.
         progress: tqdm progress bars.
 
     Cost: ``fit`` reads the store (no pass over the training data); ``score`` costs one
-    forward+backward per query plus ``n_query × n_train × width`` multiply-adds;
-    ``self_influence`` one pass over the training data at ``θ_T``.
+    forward+backward per query plus ``n_query × n_train × width`` multiply-adds; ``top_k`` the
+    same with memory ``[n_query, k]`` (exact; FAISS with ``method="faiss"`` on an in-memory
+    accumulator); ``self_influence`` one pass over the training data at ``θ_T``.
     """
 
     def __init__(
@@ -717,6 +839,7 @@ class HYDRA(Estimator):
         projection: Any = None,
         batch_size: int = 64,
         max_feature_gib: float = 4.0,
+        query_block: int = 1024,
         progress: bool = True,
     ) -> None:
         if not isinstance(task, Task):
@@ -735,16 +858,27 @@ class HYDRA(Estimator):
                     f"{type(checkpoint_final).__name__}"
                 )
             checkpoint_final = Checkpoint(checkpoint_final, name="final")
-        if batch_size < 1:
-            raise ConfigurationError(f"batch_size must be >= 1, got {batch_size}")
-        self.model = model
-        self.task = task
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ConfigurationError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         self.recorder = recorder
         self.checkpoint_final = checkpoint_final
         self.projection = projection
-        self.batch_size = batch_size
         self.max_feature_gib = max_feature_gib
-        self.progress = progress
+        final = checkpoint_final or Checkpoint(model.state_dict(), name="final (set at fit)")
+        super().__init__(
+            model,
+            task,
+            [final],  # θ_T
+            # R: the recorded sums a_i; queries: the recorder's gradient featurizer at θ_T
+            featurizer=RecordedTrajectory(
+                recorder, projection=projection, max_feature_gib=max_feature_gib
+            ),
+            preconditioners=[Identity()],  # P = I
+            weights=[1.0],  # w = 1
+            batch_size=batch_size,
+            query_block=query_block,
+            progress=progress,
+        )
 
     def fit(self, train: Data | None = None) -> HYDRA:
         """Open the recorded accumulator and fix ``θ_T``. Returns ``self``.
@@ -752,75 +886,17 @@ class HYDRA(Estimator):
         ``train`` is optional: when given, its length is checked against the store and it is kept
         for :meth:`self_influence`.
         """
-        rec = self.recorder
-        if not isinstance(rec, TrajectoryRecorder):
-            rec = TrajectoryRecorder(
-                self.model, self.task, None, rec, mode="read", projection=self.projection
-            )
-        rec._flush_if_writable()
-        if rec.steps_on_disk == 0:
-            raise ConfigurationError(
-                f"the HYDRA store {rec.path!r} holds no recorded steps; call "
-                "recorder.record(batch, indices, lr) once per optimizer step during training"
-            )
-        params = dict(self.model.named_parameters())
-        shapes = [
-            [n, list(params[n].shape) if n in params else None] for n, _ in rec._meta["parameters"]
-        ]
-        if shapes != rec._meta["parameters"]:
-            raise ConfigurationError(
-                f"the HYDRA store was recorded for parameters {rec._meta['parameters']}, but the "
-                f"model has {shapes}"
-            )
+        n = None
         if train is not None:
             n = dataset_length(as_loader(train, self.batch_size))
-            if n is not None and n != rec.n_train:
-                raise ConfigurationError(
-                    f"the training data has {n} examples but the HYDRA store was recorded with "
-                    f"n_train={rec.n_train}"
-                )
         if self.checkpoint_final is None:
-            state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-        else:
-            state = self.checkpoint_final.state_for(self.model)
-        self.recorder_ = rec
-        self.featurizer_ = rec.featurizer_for(self.model, self.task)
-        if int(self.featurizer_.width) != rec.width:
-            raise ConfigurationError(
-                f"the query featurizer gives width {self.featurizer_.width} but the store holds "
-                f"{rec.width} columns"
-            )
-        self.state_ = state
+            snapshot = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            self.checkpoints = [Checkpoint(snapshot, name="final")]
+        self.featurizer.fit(self, None, n)
+        self.state_ = self.state(0)
         self.train_ = train
-        self.counts_ = rec.counts()
-        itemsize = 8 if rec.dtype == torch.float64 else 4
-        size_gib = rec.n_train * rec.width * itemsize / _GIB
-        self.train_features_ = rec.accumulator() if size_gib <= self.max_feature_gib else None
-        self.n_train_ = rec.n_train
+        self.n_train_ = self.recorder_.n_train
         return self
-
-    def _chunks(self) -> Iterator[tuple[int, Tensor]]:
-        if self.train_features_ is not None:
-            yield 0, self.train_features_
-            return
-        rec = self.recorder_
-        rows = max(1, int(256 * _MIB // (rec.width * 8)))
-        yield from rec.chunks(rows)
-
-    def _score_blocks(self, queries: Data) -> Iterator[Tensor]:
-        loader = as_loader(queries, self.batch_size)
-        device = next(self.model.parameters()).device
-        for _, batch in tqdm(
-            iterate_batches(loader, device),
-            total=len(loader) if dataset_length(loader) is not None else None,
-            desc="HYDRA score",
-            unit="batch",
-            disable=not self.progress,
-            leave=False,
-        ):
-            q = self.featurizer_.features(self.state_, batch, "measurement", "query")
-            parts = [q @ chunk.to(q.device, q.dtype).T for _, chunk in self._chunks()]
-            yield torch.cat(parts, dim=1)
 
     def self_influence(self, train: Data | None = None) -> Tensor:
         """``∇l(z_i, θ_T) · a_i`` for every training example, ``[n_train]``.
@@ -839,29 +915,25 @@ class HYDRA(Estimator):
                 "here or to fit(train)"
             )
         loader = as_loader(data, self.batch_size)
-        device = next(self.model.parameters()).device
-        acc = self.train_features_
+        source = as_feature_source(self.train_features_)
+        gradients = self.featurizer.gradients
         out = torch.zeros(self.n_train_, dtype=self.recorder_.dtype)
         count = 0
         for offset, batch in tqdm(
-            iterate_batches(loader, device),
+            iterate_batches(loader, self.device),
             total=len(loader) if dataset_length(loader) is not None else None,
             desc="HYDRA self-influence",
             unit="batch",
             disable=not self.progress,
             leave=False,
         ):
-            g = self.featurizer_.features(self.state_, batch, "loss", f"training batch at {offset}")
+            g = gradients.features(self.state_, batch, "loss", f"training batch at {offset}")
             size = g.shape[0]
             if offset + size > self.n_train_:
                 raise ConfigurationError(
                     f"the training data yields more than n_train={self.n_train_} examples"
                 )
-            rows = (
-                acc[offset : offset + size]
-                if acc is not None
-                else torch.from_numpy(np.array(self.recorder_._acc[offset : offset + size]))
-            )
+            rows = source.read(0, offset, offset + size)
             out[offset : offset + size] = (
                 (g * rows.to(g.device, g.dtype)).sum(dim=1).cpu().to(out.dtype)
             )

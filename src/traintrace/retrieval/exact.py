@@ -101,11 +101,14 @@ class _InMemory:
         return norms[start:stop]
 
 
-def as_feature_source(train: TrainFeatures) -> FeatureSource:
-    """A :class:`FeatureStore` (checked complete) or a list of per-checkpoint tensors."""
+def as_feature_source(train: TrainFeatures | FeatureSource) -> FeatureSource:
+    """A :class:`FeatureStore` (checked complete), a list of per-checkpoint tensors, or any
+    object with the :class:`FeatureSource` interface (e.g. a recorder's accumulator on disk)."""
     if isinstance(train, FeatureStore):
         train.require_complete()
         return train
+    if all(hasattr(train, a) for a in ("n", "width", "checkpoints", "read", "norms")):
+        return train  # type: ignore[return-value]
     if isinstance(train, Tensor):
         raise ConfigurationError(
             "give training features as a list with one [n, width] tensor per checkpoint "
