@@ -103,7 +103,7 @@ def test_scores_equal_the_explicit_trajectory_sum(recorded, measurement):
 
 
 def test_an_accumulator_read_from_disk_gives_the_same_results_as_one_in_memory(recorded):
-    _, model, rec, states, x, y = recorded
+    _, model, rec, _, x, y = recorded
     xq, yq = tiny_data(5, seed=2)
     train, queries = TensorDataset(x, y), TensorDataset(xq, yq)
     memory = HYDRA(model, tt.Classification(), rec, progress=False).fit(train)
