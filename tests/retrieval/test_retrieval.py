@@ -303,3 +303,23 @@ def test_rows_wider_than_a_block_are_read_one_at_a_time(data, monkeypatch) -> No
     expected = dense(features, queries, WEIGHTS)
     torch.testing.assert_close(score(store, queries, WEIGHTS), expected)
     assert_topk_equal(exact_top_k(store, queries, WEIGHTS, 3), expected, 3)
+
+
+@needs_faiss
+def test_blocks_of_queries_merged_stay_approximate_with_their_recall(data) -> None:
+    store, _features, queries = data
+    blocks = [[q[:3] for q in queries], [q[3:] for q in queries]]
+    parts = [
+        top_k(store, b, WEIGHTS, 4, method="faiss", kind="flat", verify_recall=2) for b in blocks
+    ]
+    merged = TopK.concat(parts)
+    whole = exact_top_k(store, queries, WEIGHTS, 4)
+    assert isinstance(merged, ApproximateTopK) and merged.index == parts[0].index
+    assert torch.equal(merged.proponents.indices, whole.proponents.indices)
+    assert merged.recall_queries.tolist() == [
+        *parts[0].recall_queries.tolist(),
+        *(parts[1].recall_queries + 3).tolist(),
+    ]
+    assert merged.recall == {"proponents": 1.0, "opponents": 1.0}  # a flat index is exact
+    exact_parts = [exact_top_k(store, b, WEIGHTS, 4) for b in blocks]
+    assert type(TopK.concat(exact_parts)) is TopK  # exact blocks stay exact

@@ -6,6 +6,7 @@ kept, so memory does not grow with the number of queries beyond the ``[n_query, 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -131,18 +132,42 @@ class TopK:
 
     @classmethod
     def concat(cls, parts: Sequence[TopK]) -> TopK:
-        """The rankings of consecutive blocks of queries, stacked in query order."""
+        """The rankings of consecutive blocks of queries, stacked in query order.
+
+        When any block came from an approximate (FAISS) search the result keeps that type and
+        its index description, with the measured recalls (if any) averaged over every block's
+        sampled queries and their indices shifted to the stacked query order: a merged result
+        never looks exact when part of it was not.
+        """
         if not parts:
             raise ConfigurationError("no queries: the query data set is empty")
-        return cls(
-            proponents=Ranking(
-                torch.cat([p.proponents.indices for p in parts]),
-                torch.cat([p.proponents.scores for p in parts]),
-            ),
-            opponents=Ranking(
-                torch.cat([p.opponents.indices for p in parts]),
-                torch.cat([p.opponents.scores for p in parts]),
-            ),
+        proponents = Ranking(
+            torch.cat([p.proponents.indices for p in parts]),
+            torch.cat([p.proponents.scores for p in parts]),
+        )
+        opponents = Ranking(
+            torch.cat([p.opponents.indices for p in parts]),
+            torch.cat([p.opponents.scores for p in parts]),
+        )
+        approximate = [p for p in parts if hasattr(p, "recall_queries")]
+        if not approximate:
+            return cls(proponents=proponents, opponents=opponents)
+        sampled, totals, count, offset = [], {"proponents": 0.0, "opponents": 0.0}, 0, 0
+        for p in parts:
+            queries = getattr(p, "recall_queries", None)
+            recall = getattr(p, "recall", None)
+            if queries is not None and recall is not None:
+                sampled.append(queries + offset)
+                for kind in totals:
+                    totals[kind] += recall[kind] * len(queries)
+                count += len(queries)
+            offset += p.proponents.indices.shape[0]
+        return dataclasses.replace(
+            approximate[0],
+            proponents=proponents,
+            opponents=opponents,
+            recall={kind: total / count for kind, total in totals.items()} if count else None,
+            recall_queries=torch.cat(sampled) if sampled else None,
         )
 
     def to_pandas(
