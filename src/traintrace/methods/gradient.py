@@ -19,6 +19,7 @@ only builds its three parts (and any preconditioner that needs the data: :meth:`
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
 
@@ -31,7 +32,13 @@ from traintrace.data import as_loader
 from traintrace.exceptions import ConfigurationError
 from traintrace.methods.base import Data, Estimator
 from traintrace.methods.preconditioners import Identity, Preconditioner
-from traintrace.methods.streaming import ExactStream, Normalize, check_normalize
+from traintrace.methods.streaming import (
+    ExactStream,
+    Normalize,
+    ScoreJournal,
+    check_normalize,
+    journal_for,
+)
 from traintrace.retrieval.topk import TopK, check_k
 from traintrace.task import Task, require_task
 from traintrace.validation import positive_int, require_length
@@ -164,18 +171,67 @@ class GradientEstimator(Estimator):
         self._check_fitted()
         yield from self.featurizer.score_blocks(self, self._loader(queries))
 
+    def _journal(
+        self, resume: str | os.PathLike[str], kind: str, k: int | None, interval: float
+    ) -> ScoreJournal:
+        if not isinstance(self.featurizer, ExactStream):
+            raise ConfigurationError(
+                f"resume= makes the exact streamed scores resumable; {type(self).__name__} with "
+                f"a {type(self.featurizer).__name__} featurizer keeps its training side in "
+                "memory or in a store already (a query set is one read of it): drop resume="
+            )
+        if not (isinstance(interval, (int, float)) and interval >= 0):
+            raise ConfigurationError(f"resume_interval must be >= 0 seconds, got {interval!r}")
+        return journal_for(self, resume, kind, k, float(interval))
+
+    def score(
+        self,
+        queries: Data,
+        *,
+        resume: str | os.PathLike[str] | None = None,
+        resume_interval: float = 60.0,
+    ) -> Tensor:
+        """Attribution scores ``[n_query, n_train]``; positive = the training example helps.
+
+        ``resume=dir`` (exact streamed scores) journals the work in ``dir``: finished query
+        blocks and, every ``resume_interval`` seconds and after each checkpoint's pass, the
+        partial sums of the current one with the position reached. Run the same call again
+        after an interruption (even ``kill -9``) and it continues from there; the directory
+        refuses another computation (:class:`~traintrace.StoreMismatchError`): other settings,
+        checkpoints, training data or queries. See :class:`~traintrace.methods.streaming.
+        ScoreJournal`.
+        """
+        if resume is None:
+            return super().score(queries)
+        self._check_fitted()
+        journal = self._journal(resume, "score", None, resume_interval)
+        blocks = list(self.featurizer.score_blocks(self, self._loader(queries), journal))
+        if not blocks:
+            return torch.empty(0, self.n_train_)
+        return torch.cat(blocks)
+
     def top_k(
-        self, queries: Data, k: int = 10, *, method: Literal["exact", "auto", "faiss"] = "exact"
+        self,
+        queries: Data,
+        k: int = 10,
+        *,
+        method: Literal["exact", "auto", "faiss"] = "exact",
+        resume: str | os.PathLike[str] | None = None,
+        resume_interval: float = 60.0,
     ) -> TopK:
         """The ``k`` strongest proponents and opponents of each query, ``[n_query, k]`` each.
 
         ``.proponents`` are the largest scores (largest first), ``.opponents`` the most negative
         (most negative first); exact unless ``method="faiss"`` is asked for on stored features
-        (then it states its index size and expected recall).
+        (then it states its index size and expected recall). ``resume=dir``: resumable after an
+        interruption, as in :meth:`score` (the running top-k is journaled).
         """
         self._check_fitted()
         check_k(k, self.n_train_)  # before any query gradient is computed
-        return self.featurizer.top_k(self, self._loader(queries), k, method)
+        if resume is None:
+            return self.featurizer.top_k(self, self._loader(queries), k, method)
+        journal = self._journal(resume, "top_k", k, resume_interval)
+        return self.featurizer.top_k(self, self._loader(queries), k, method, journal)
 
     def self_influence(self) -> Tensor:
         """``Σ_c w_c ∇l(z, θ_c)ᵀ P_c ∇l(z, θ_c)`` for every training example, ``[n_train]``.

@@ -18,7 +18,13 @@ by ``‖∇f(z', θ_c)‖`` (GAS); ``layerwise=True`` does so per layer and sums
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import time
+import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -27,7 +33,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from traintrace.data import DataHasher, batch_size_of, iterate_batches
-from traintrace.exceptions import ConfigurationError, NonFiniteGradientError
+from traintrace.exceptions import ConfigurationError, NonFiniteGradientError, StoreMismatchError
 from traintrace.features.engine import ExactGradients
 from traintrace.features.hooks import Capture
 from traintrace.methods.preconditioners import Identity
@@ -37,7 +43,7 @@ from traintrace.retrieval.topk import TopK
 if TYPE_CHECKING:
     from traintrace.methods.gradient import GradientEstimator
 
-__all__ = ["ExactStream", "Normalize", "check_normalize", "train_sq_norms"]
+__all__ = ["ExactStream", "Normalize", "ScoreJournal", "check_normalize", "train_sq_norms"]
 
 Normalize = Literal[False, "train", "cosine"]
 
@@ -60,6 +66,146 @@ def check_normalize(normalize: Any, layerwise: Any) -> tuple[Normalize, bool]:
             "layerwise=True normalizes per layer: choose normalize='train' or 'cosine' with it"
         )
     return normalize, layerwise
+
+
+# ----------------------------------------------------------------------------------------------
+# resuming after a kill
+# ----------------------------------------------------------------------------------------------
+def _batch_digest(batch: Any) -> str:
+    hasher = DataHasher()
+    hasher.update(batch)
+    return hasher.hexdigest()
+
+
+class ScoreJournal:
+    """A directory that makes a streamed ``score`` / ``top_k`` resumable after a kill (even -9).
+
+    ``manifest.json`` records what is computed (the kind of result, ``k``, the estimator's
+    settings, the model and every checkpoint's fingerprint, the training-set size and its
+    fingerprint when ``fit`` took one, the batch sizes); a directory written for anything else is
+    refused with :class:`~traintrace.StoreMismatchError`. Per block of queries:
+    ``block-<b>.pt`` holds its finished result, ``block-<b>.partial.pt`` the running result (the
+    ``[m, n]`` partial sums or the running top-k), the position reached in the training stream
+    (checkpoint × example) and the content hash of every training batch streamed so far. A
+    resumed run checks the block's queries against their hash, re-reads (without capturing) the
+    training batches already streamed and checks each against its hash, then continues. Every
+    file is written atomically (temporary name, fsync, rename), so a kill leaves the previous
+    state. The partial state is saved every ``interval`` seconds and at the end of every
+    checkpoint's pass: at most that much work is lost.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], key: dict[str, Any], interval: float) -> None:
+        self.path = Path(path)
+        self.interval = float(interval)
+        self.path.mkdir(parents=True, exist_ok=True)
+        manifest = self.path / "manifest.json"
+        text = json.dumps(key, sort_keys=True, indent=1)
+        if manifest.exists():
+            old = json.loads(manifest.read_text(encoding="utf-8"))
+            if old != json.loads(text):
+                diff = sorted(k for k in set(old) | set(key) if old.get(k) != key.get(k))
+                raise StoreMismatchError(
+                    f"the resume directory {str(self.path)!r} holds results of another "
+                    f"computation (different {', '.join(diff)}); pass another directory, or "
+                    "delete this one to start over"
+                )
+        else:
+            self._write(manifest, lambda f: f.write(text.encode()))
+
+    def _write(self, path: Path, write: Callable[[Any], None]) -> None:
+        tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+
+    def _file(self, block: int, partial: bool) -> Path:
+        return self.path / f"block-{block:06d}{'.partial' if partial else ''}.pt"
+
+    def _load(self, path: Path, query_hash: str) -> dict[str, Any] | None:
+        if not path.exists():
+            return None
+        state = torch.load(path, weights_only=True)
+        if state["query_hash"] != query_hash:
+            raise StoreMismatchError(
+                f"{path.name} in the resume directory {str(self.path)!r} was computed for other "
+                "queries (their content differs); pass the same queries in the same order, "
+                "another directory, or delete it to start over"
+            )
+        return state
+
+    def finished(self, block: int, query_hash: str) -> dict[str, Any] | None:
+        """The finished result of a block, or None."""
+        return self._load(self._file(block, False), query_hash)
+
+    def partial(self, block: int, query_hash: str) -> dict[str, Any] | None:
+        """The saved partial state of a block, or None."""
+        return self._load(self._file(block, True), query_hash)
+
+    def save(self, block: int, state: dict[str, Any], *, done: bool) -> None:
+        self._write(self._file(block, not done), lambda f: torch.save(state, f))
+        if done:
+            with contextlib.suppress(FileNotFoundError):
+                self._file(block, True).unlink()
+
+
+def _describe_preconditioner(p: Any) -> dict[str, Any]:
+    """Stable across processes (no object addresses): the type, the inverse's type, the scale."""
+    inverse = getattr(p, "inverse", None)
+    out: dict[str, Any] = {"type": type(p).__name__}
+    if inverse is not None:
+        out["inverse"] = type(inverse).__name__
+        out["scale"] = getattr(p, "scale", None)
+    return out
+
+
+def _query_hash(block: list[tuple[int, Any]]) -> str:
+    hasher = DataHasher()
+    for _, batch in block:
+        hasher.update(batch)
+    return hasher.hexdigest()
+
+
+def _topk_from_state(state: dict[str, Any]) -> TopK:
+    runner = RunningTopK(1)
+    runner.top, runner.bottom = state["top"], state["bottom"]
+    return runner.result()
+
+
+def journal_for(
+    est: GradientEstimator, path: str | os.PathLike[str], kind: str, k: int | None, interval: float
+) -> ScoreJournal:
+    """The :class:`ScoreJournal` of ``est``'s current settings (``kind``: ``"score"`` or
+    ``"top_k"``)."""
+    from traintrace.checkpoints import model_fingerprint
+
+    key = {
+        "format": "traintrace.score-journal/1",
+        "kind": kind,
+        "k": k,
+        "estimator": type(est).__name__,
+        "featurizer": est.featurizer.describe(),
+        "preconditioners": [_describe_preconditioner(p) for p in est.preconditioners],
+        "solver": repr(getattr(est, "hessian", None)),
+        "damping": getattr(est, "damping_", getattr(est, "damping", None)),
+        "curvature": getattr(est, "curvature", None),
+        "weights": list(est.weights),
+        "normalize": est.normalize,
+        "layerwise": est.layerwise,
+        "model": model_fingerprint(est.model),
+        "checkpoints": [c.fingerprint(est.model) for c in est.checkpoints],
+        "n_train": est.n_train_,
+        "train_fingerprint": getattr(est, "data_fingerprint_", None),
+        "batch_size": est.batch_size,
+        "query_block": est.query_block,
+    }
+    return ScoreJournal(path, json.loads(json.dumps(key, default=str)), interval)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -236,15 +382,39 @@ class ExactStream:
         est.data_fingerprint_ = hasher.hexdigest()
 
     def _train_captures(
-        self, est: GradientEstimator, c: int, state: State
+        self,
+        est: GradientEstimator,
+        c: int,
+        state: State,
+        *,
+        skip_before: int = 0,
+        digests: list[str] | None = None,
     ) -> Iterator[tuple[int, Capture]]:
         """``(offset, capture)`` of every training batch at checkpoint ``c``: the kept ones, or
-        a fresh capture pass."""
+        a fresh capture pass. Batches before ``skip_before`` (a resumed run) are read but not
+        captured; with ``digests`` (a resumable run) each batch's content hash is checked
+        against the list (the batches already streamed) or appended to it."""
         if self._kept is not None:
-            yield from self._kept[c]
+            for offset, cap in self._kept[c]:
+                if offset >= skip_before:
+                    yield offset, cap
             return
         where = est.checkpoint_names[c]
-        for offset, batch in iterate_batches(self._train, est.device):
+        for index, (offset, batch) in enumerate(iterate_batches(self._train, est.device)):
+            if digests is not None:
+                digest = _batch_digest(batch)
+                if index < len(digests):
+                    if digests[index] != digest:
+                        raise StoreMismatchError(
+                            f"the training batch at example {offset} differs from the one "
+                            "streamed before the interruption (its content hash changed): "
+                            "resume with the same training data, batch size and order, or "
+                            "delete the resume directory to start over"
+                        )
+                else:
+                    digests.append(digest)
+            if offset < skip_before:
+                continue
             yield offset, self.engine.capture(state, batch, "loss", offset=offset, where=where)
 
     # -- the passes --------------------------------------------------------------------------------
@@ -253,9 +423,18 @@ class ExactStream:
         est: GradientEstimator,
         queries: list[tuple[int, Any]],
         consume: Callable[[int, Tensor], None],
+        *,
+        start: int = 0,
+        digests: list[str] | None = None,
+        progress_made: Callable[[int, bool], None] | None = None,
     ) -> int:
         """Stream one block of queries: ``consume(c·n + train offset, scores [m, B])`` per
-        checkpoint ``c`` and training batch. Returns ``m``."""
+        checkpoint ``c`` and training batch. Returns ``m``.
+
+        A resumed block starts at position ``start`` (``c·n + offset``, a batch boundary):
+        earlier checkpoints are not visited, earlier batches of checkpoint ``c`` are read (and
+        checked against ``digests``) but not captured. ``progress_made(position, end_of_pass)``
+        is called after every batch."""
         engine, states, weights = self.engine, est.state, est.weights
         preconditioners, names = est.preconditioners, est.checkpoint_names
         n, progress = est.n_train_, est.progress
@@ -264,6 +443,8 @@ class ExactStream:
         # per checkpoint: load its state once, precondition the queries, then one pass over the
         # training data; the consumer sums the checkpoints' terms
         for c, precond in enumerate(preconditioners):
+            if (c + 1) * n <= start:
+                continue  # this checkpoint's pass was complete before the interruption
             state = states(c)
             caps = _query_caps(engine, state, queries, names[c])
             dirs = [precond.directions(engine, cap) for cap in caps]
@@ -273,7 +454,12 @@ class ExactStream:
                 qn = torch.cat(norms, dim=-1).unsqueeze(-1)
             del caps
             bar = _bar(n, f"scoring {m} queries ({names[c]})", progress)
-            for offset, cap in self._train_captures(est, c, state):
+            skip = max(0, start - c * n)
+            bar.update(skip)
+            train = self._train_captures(
+                est, c, state, skip_before=skip, digests=digests if c == 0 else None
+            )
+            for offset, cap in train:
                 parts = [engine.dot(cap, d, per_unit=layerwise) for d in dirs]
                 block = torch.cat(parts, dim=-2)  # [m, B] or [U, m, B]
                 if normalize:
@@ -290,32 +476,90 @@ class ExactStream:
                 _check_finite(block, offset, names[c], "a score")
                 consume(c * n + offset, block)
                 bar.update(cap.size)
+                if progress_made is not None:
+                    progress_made(c * n + offset + cap.size, offset + cap.size == n)
             bar.close()
             del state, dirs
         return m
 
-    def score_blocks(self, est: GradientEstimator, queries: DataLoader) -> Iterator[Tensor]:
-        """Exact score blocks ``[m_block, n]`` (positive = the training example helps)."""
-        n = est.n_train_
-        for block in _query_blocks(queries, est.device, est.query_block):
-            m = sum(batch_size_of(b) for _, b in block)
-            holder: list[Tensor] = []
-
-            def consume(
-                pos: int, scores: Tensor, m: int = m, holder: list[Tensor] = holder
-            ) -> None:
-                if not holder:
-                    holder.append(scores.new_zeros(m, n))
-                offset = pos % n
-                holder[0][:, offset : offset + scores.shape[1]] += scores
-
+    def _journaled(
+        self,
+        est: GradientEstimator,
+        block: list[tuple[int, Any]],
+        index: int,
+        journal: ScoreJournal | None,
+        consume: Callable[[int, Tensor], None],
+        state: dict[str, Any],
+        restore: Callable[[dict[str, Any]], None],
+    ) -> None:
+        """Stream one query block, saving ``state`` (the caller's running result, updated in
+        place by ``consume``) to the journal as it goes, and resuming from a saved one."""
+        if journal is None:
             self._block_scores(est, block, consume)
-            yield holder[0].cpu()
+            return
+        qh = _query_hash(block)
+        saved = journal.partial(index, qh)
+        start, digests = 0, []
+        if saved is not None:
+            restore(saved)
+            start, digests = int(saved["position"]), list(saved["digests"])
+        last = [time.monotonic()]
 
-    def top_k(self, est: GradientEstimator, queries: DataLoader, k: int, method: str) -> TopK:
+        def save(position: int, end_of_pass: bool) -> None:
+            now = time.monotonic()
+            if end_of_pass or now - last[0] >= journal.interval:
+                journal.save(
+                    index,
+                    {**state, "query_hash": qh, "position": position, "digests": digests},
+                    done=False,
+                )
+                last[0] = now
+
+        self._block_scores(est, block, consume, start=start, digests=digests, progress_made=save)
+
+    def score_blocks(
+        self, est: GradientEstimator, queries: DataLoader, journal: ScoreJournal | None = None
+    ) -> Iterator[Tensor]:
+        """Exact score blocks ``[m_block, n]`` (positive = the training example helps); with a
+        :class:`ScoreJournal`, finished blocks are read back and a partial one is resumed."""
+        n = est.n_train_
+        for index, block in enumerate(_query_blocks(queries, est.device, est.query_block)):
+            m = sum(batch_size_of(b) for _, b in block)
+            if journal is not None:
+                done = journal.finished(index, _query_hash(block))
+                if done is not None:
+                    yield done["scores"]
+                    continue
+            state: dict[str, Any] = {"scores": None}
+
+            def consume(pos: int, scores: Tensor, m: int = m, state: dict = state) -> None:
+                if state["scores"] is None:
+                    state["scores"] = scores.new_zeros(m, n).cpu()
+                offset = pos % n
+                state["scores"][:, offset : offset + scores.shape[1]] += scores.cpu()
+
+            def restore(saved: dict[str, Any], state: dict = state) -> None:
+                state["scores"] = saved["scores"]
+
+            self._journaled(est, block, index, journal, consume, state, restore)
+            if journal is not None:
+                journal.save(
+                    index, {"scores": state["scores"], "query_hash": _query_hash(block)}, done=True
+                )
+            yield state["scores"]
+
+    def top_k(
+        self,
+        est: GradientEstimator,
+        queries: DataLoader,
+        k: int,
+        method: str,
+        journal: ScoreJournal | None = None,
+    ) -> TopK:
         """Exact top-``k`` proponents/opponents, merged on the fly: memory ``[m, k]`` plus one
         batch (one checkpoint), or one block's ``[m, n]`` partial sums (several checkpoints,
-        whose terms of a column must be summed before ranking)."""
+        whose terms of a column must be summed before ranking). With a :class:`ScoreJournal`
+        the running top-k (and partial sums) are saved and resumed."""
         if method not in ("exact", "auto"):
             raise ConfigurationError(
                 f"top_k(method={method!r}): the exact streaming path has no index; an "
@@ -323,30 +567,45 @@ class ExactStream:
             )
         n, count = est.n_train_, len(est.preconditioners)
         parts: list[TopK] = []
-        for block in _query_blocks(queries, est.device, est.query_block):
+        for index, block in enumerate(_query_blocks(queries, est.device, est.query_block)):
             m = sum(batch_size_of(b) for _, b in block)
+            if journal is not None:
+                done = journal.finished(index, _query_hash(block))
+                if done is not None:
+                    parts.append(_topk_from_state(done))
+                    continue
             runner = RunningTopK(k)
-            partial: list[Tensor] = []
+            state: dict[str, Any] = {"top": None, "bottom": None, "partial": None}
 
             def consume(
                 pos: int,
                 scores: Tensor,
                 m: int = m,
                 runner: RunningTopK = runner,
-                partial: list[Tensor] = partial,
+                state: dict = state,
             ) -> None:
                 c, offset = divmod(pos, n)
                 if count == 1:
                     runner.update(offset, scores)
-                    return
-                if not partial:
-                    partial.append(scores.new_zeros(m, n))
-                cols = slice(offset, offset + scores.shape[1])
-                partial[0][:, cols] += scores
-                if c == count - 1:
-                    runner.update(offset, partial[0][:, cols])
+                else:
+                    if state["partial"] is None:
+                        state["partial"] = scores.new_zeros(m, n).cpu()
+                    cols = slice(offset, offset + scores.shape[1])
+                    state["partial"][:, cols] += scores.cpu()
+                    if c == count - 1:
+                        runner.update(offset, state["partial"][:, cols])
+                state["top"], state["bottom"] = runner.top, runner.bottom
 
-            self._block_scores(est, block, consume)
+            def restore(
+                saved: dict[str, Any], runner: RunningTopK = runner, state: dict = state
+            ) -> None:
+                runner.top, runner.bottom = saved["top"], saved["bottom"]
+                state.update(top=saved["top"], bottom=saved["bottom"], partial=saved["partial"])
+
+            self._journaled(est, block, index, journal, consume, state, restore)
+            if journal is not None:
+                final = {"top": runner.top, "bottom": runner.bottom, "partial": None}
+                journal.save(index, {**final, "query_hash": _query_hash(block)}, done=True)
             parts.append(runner.result())
         return TopK.concat(parts)
 
