@@ -88,6 +88,32 @@ def test_every_command_in_process(user_project, monkeypatch, capsys):
     assert page.count("proponents (help)") == len(queries)
 
 
+def test_an_interrupted_score_command_resumes_and_cleans_up(user_project, monkeypatch):
+    folder, module_dir = user_project
+    monkeypatch.chdir(folder)
+    est, queries = _reference(folder, module_dir)
+    flags = [*FLAGS, "--output", "run-resume", "--quiet", "--batch-size", "8"]
+    from traintrace.features.engine import ExactGradients
+
+    calls, dot = [0], ExactGradients.dot
+
+    def interrupted(self, *args, **kwargs):
+        calls[0] += 1
+        if calls[0] > 3:
+            raise KeyboardInterrupt  # the stand-in for kill -9 after some work
+        return dot(self, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(ExactGradients, "dot", interrupted)
+        assert main(["score", *flags]) == 130  # interrupted
+    journal = folder / "run-resume" / "resume-score"
+    assert (journal / "manifest.json").exists()
+    assert main(["score", *flags]) == 0
+    scores = np.load(folder / "run-resume" / "scores.npy", allow_pickle=False)
+    np.testing.assert_allclose(scores, est.score(queries).numpy(), rtol=1e-5, atol=1e-7)
+    assert not journal.exists()  # finished: the journal is removed
+
+
 def test_influence_method(user_project, monkeypatch):
     folder, _ = user_project
     monkeypatch.chdir(folder)

@@ -274,8 +274,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         print(
-            "traintrace: interrupted; finished chunks are kept in the store: rerun the same "
-            "command to resume",
+            "traintrace: interrupted; the work done so far is kept (the store's finished "
+            "chunks, the streamed scores' journal in <output>/resume-*): rerun the same command "
+            "to resume",
             file=sys.stderr,
         )
         return 130

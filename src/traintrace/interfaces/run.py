@@ -25,6 +25,7 @@ import glob
 import importlib
 import os
 import re
+import shutil
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -284,9 +285,36 @@ class Run:
                 ) from exc
         return self._cache["fitted"]
 
+    def _resume(self, kind: str) -> dict[str, Any]:
+        """``resume=<output>/resume-<kind>`` for the exact stream: a killed run continues."""
+        if self.uses_store:
+            return {}
+        path = self.config.output / f"resume-{kind}"
+        if path.exists():
+            self.log(f"resuming the streamed {kind.replace('_', '-')} from {path}")
+        return {"resume": path}
+
+    @staticmethod
+    def _finished(resume: dict[str, Any]) -> None:
+        """The results are written: the journal of a finished run is not needed any more."""
+        if "resume" in resume:
+            shutil.rmtree(resume["resume"], ignore_errors=True)
+
+    def _resume_mismatch(self, exc: tt.StoreMismatchError, kind: str) -> tt.StoreMismatchError:
+        return tt.StoreMismatchError(
+            f"{exc}\nFor this run: delete {self.config.output / f'resume-{kind}'} (the partial "
+            "results of an interrupted run with other inputs) or pass another --output folder."
+        )
+
     def score(self) -> Tensor:
-        """``[n_query, n_train]`` scores; writes ``scores.npy`` and ``scores.csv``."""
-        scores = self.fit().score(self.queries)
+        """``[n_query, n_train]`` scores; writes ``scores.npy`` and ``scores.csv``. The exact
+        stream journals its work in ``<output>/resume-score``: a killed run resumes."""
+        resume = self._resume("score")
+        try:
+            scores = self.fit().score(self.queries, **resume)
+        except tt.StoreMismatchError as exc:
+            raise self._resume_mismatch(exc, "score") from exc
+        self._finished(resume)
         paths = save_scores(scores, self.config.output)
         self.log(f"scores {tuple(scores.shape)} written to {paths['npy']} and {paths['csv']}")
         return scores
@@ -294,7 +322,12 @@ class Run:
     def top_k(self) -> tt.TopK:
         """Top-``k`` proponents and opponents per query; writes ``top_k.csv``."""
         if "top_k" not in self._cache:
-            top = self.fit().top_k(self.queries, k=self.config.k)
+            resume = self._resume("top_k")
+            try:
+                top = self.fit().top_k(self.queries, k=self.config.k, **resume)
+            except tt.StoreMismatchError as exc:
+                raise self._resume_mismatch(exc, "top_k") from exc
+            self._finished(resume)
             path = top.to_csv(self.config.output / "top_k.csv")
             self.log(f"top-{self.config.k} of {top.proponents.indices.shape[0]} queries: {path}")
             self._cache["top_k"] = top
