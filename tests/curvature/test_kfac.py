@@ -66,6 +66,16 @@ class ConvNet(nn.Module):
         return self.fc(torch.tanh(self.conv(x)).flatten(1))
 
 
+class Conv1dNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(2, 3, 3, stride=2, padding=1, padding_mode="circular")
+        self.fc = nn.Linear(3 * 3, 3)  # length 5 -> 3 positions
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.tanh(self.conv(x)).flatten(1))
+
+
 class EmbNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -110,6 +120,12 @@ def make(kind: str):
     if kind == "conv":
         x = torch.randn(N, 1, 5, 5, generator=g, dtype=DT)
         return ConvNet().to(DT), Classification(), (x, y)
+    if kind == "conv1d":
+        return (
+            Conv1dNet().to(DT),
+            Classification(),
+            (torch.randn(N, 2, 5, generator=g, dtype=DT), y),
+        )
     if kind == "conv_strided":
         model = ConvNet(padding=1, stride=2, padding_mode="reflect").to(DT)
         return model, Classification(), (torch.randn(N, 1, 5, 5, generator=g, dtype=DT), y)
@@ -129,7 +145,16 @@ def make(kind: str):
     raise ValueError(kind)
 
 
-KINDS = ["mlp", "sequence", "conv", "conv_strided", "embedding", "lm", "regression_seq"]
+KINDS = [
+    "mlp",
+    "sequence",
+    "conv",
+    "conv_strided",
+    "conv1d",
+    "embedding",
+    "lm",
+    "regression_seq",
+]
 
 
 # ----------------------------------------------------------------------------------------------

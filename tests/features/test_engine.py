@@ -93,18 +93,15 @@ def _cases():
         model(img)  # materialize the lazy layer
         yield name, model, tt.Classification(), (img, yi)
     seq = torch.randn(6, 3, 9, generator=g, dtype=DT)
-    conv1d = nn.Sequential(
-        nn.Conv1d(3, 4, 3, stride=2, padding=1, padding_mode="circular"),  # vmap fallback
-        nn.Tanh(),
-        nn.Flatten(),
-        nn.Linear(4 * 5, 3),
-    ).double()
-    yield (
-        "conv1d-circular",
-        conv1d,
-        tt.Classification(),
-        (seq, torch.randint(0, 3, (6,), generator=g)),
-    )
+    for name, kw, length in (
+        ("conv1d-circular", {"stride": 2, "padding": 1, "padding_mode": "circular"}, 5),
+        ("conv1d-dilation-nobias", {"dilation": 2, "padding": 1, "bias": False}, 7),
+        ("conv1d-same", {"padding": "same"}, 9),
+    ):
+        conv1d = nn.Sequential(
+            nn.Conv1d(3, 4, 3, **kw), nn.Tanh(), nn.Flatten(), nn.Linear(4 * length, 3)
+        ).double()
+        yield name, conv1d, tt.Classification(), (seq, torch.randint(0, 3, (6,), generator=g))
     tok = torch.randint(0, 11, (6, 5), generator=g)
     tok[:, -1] = 0  # padding
     yield "sequence", SeqModel(), tt.Classification(), (tok, torch.randint(0, 3, (6,), generator=g))

@@ -78,6 +78,19 @@ class ConvNet(nn.Module):
         return self.fc(torch.tanh(self.c2(h)).mean(dim=(2, 3)))
 
 
+class Conv1dNet(nn.Module):
+    """Conv1d: circular padding with bias; stride 2 and dilation without bias."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv1d(3, 6, 3, padding=1, padding_mode="circular")
+        self.c2 = nn.Conv1d(6, 5, 3, stride=2, dilation=2, bias=False)
+        self.fc = nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.tanh(self.c2(F.relu(self.c1(x)))).mean(dim=2))
+
+
 class NormNet(nn.Module):
     """Linear + LayerNorm + a raw Parameter: the last two take the dense (exact) path."""
 
@@ -190,6 +203,8 @@ def case(name: str):
         return CNN().double(), cls, (randn(5, 1, 6, 6), labels(5, 4)), 30, None
     if name == "conv2d-variants":
         return ConvNet().double(), cls, (randn(4, 2, 9, 9), labels(4, 3)), 40, None
+    if name == "conv1d":
+        return Conv1dNet().double(), cls, (randn(4, 3, 12), labels(4, 3)), 40, None
     if name == "embedding":
         ids = torch.randint(0, 11, (5, 6), generator=gen)
         ids[:, -2:] = 0  # padding
@@ -275,6 +290,7 @@ KRONECKER_CASES = [
     ("linear-sequence", "kronecker:Linear"),
     ("conv2d", "kronecker:Conv2d"),
     ("conv2d-variants", "kronecker:Conv2d"),
+    ("conv1d", "kronecker:Conv1d"),
     ("embedding", "kronecker:Embedding"),
     ("gpt2", "kronecker:Conv1D"),
     ("bert", "kronecker:Embedding"),

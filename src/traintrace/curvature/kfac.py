@@ -32,9 +32,10 @@ and the exact engine): ``A`` from the captured cols sides, ``S`` from the rows s
 * ``nn.Linear`` and Hugging Face ``Conv1D``: every leading index between the batch dimension and
   the features, so a ``[B, T, d]`` input is a sequence of ``T`` positions (weight sharing over
   tokens); ``Conv1D``'s ``[d_in, d_out]`` weight is transposed to the canonical ``[d_out, d_in]``;
-* ``nn.Conv2d``: every output location of the convolution; activations are the unfolded input
-  patches (``F.unfold``, channel-major ``C·kh·kw``), matching the weight reshaped to
-  ``[out, C·kh·kw]``;
+* ``nn.Conv2d`` / ``nn.Conv1d`` (``groups=1``, any stride, dilation, padding and padding
+  mode): every output location of the convolution; activations are the unfolded input patches
+  (``F.unfold``, channel-major ``C·kh·kw`` / ``C·k``), matching the weight reshaped to
+  ``[out, C·kh·kw]`` / ``[out, C·k]``;
 * ``nn.Embedding`` (canonical matrix ``[d, V]``, the weight transposed): every token; the
   activation is the one-hot vector of the token, so ``A`` is *diagonal* (token counts / N) and
   is stored as a vector — no vocabulary-squared matrix is formed. Positions equal to

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from traintrace.features.layers import _Group, _Norm, _Role
+from traintrace.features.layers import CONVOLUTIONS, _Group, _Norm, _Role
 
 if TYPE_CHECKING:
     from traintrace.features.projections import ProjectedGradients
@@ -148,6 +148,8 @@ class HookedPass:
             min_dim = 1 if isinstance(module, nn.Embedding) else 2
             if isinstance(module, nn.Conv2d):
                 min_dim = 4
+            elif isinstance(module, nn.Conv1d):
+                min_dim = 3
             if x.ndim < min_dim or out.ndim < 1 or out.shape[0] != x.shape[0]:
                 why = f"'{name}' got an input of shape {tuple(x.shape)} without a batch dimension"
             elif x.shape[0] == self.size:
@@ -189,23 +191,31 @@ class HookedPass:
             if pad is not None:
                 m = m.masked_fill((tokens == pad).unsqueeze(0), 0.0)
             return _per_example(m, lead)
-        if role.type == "Conv2d":
+        if role.type in CONVOLUTIONS:
             positions = math.prod(out.shape[2:])
         else:
             positions = x[0].numel() // x.shape[-1]
         if not role.weight:  # bias only: ã = 1, d_in = 1, P_in = [[1]]
             ones = x.new_ones(1, 1, 1, dtype=self.dtype) if p is None else p[:, -1]
             return ones.reshape(1, k, 1).expand(lead, k, positions)
-        if role.type == "Conv2d":
-            conv: nn.Conv2d = module  # type: ignore[assignment]
+        if role.type in CONVOLUTIONS:
+            conv: nn.Conv1d | nn.Conv2d = module  # type: ignore[assignment]
             xin = x.to(self.dtype)
             padding: Any = conv.padding
             if conv.padding_mode != "zeros":
                 xin = F.pad(xin, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
                 padding = 0
             if identity:
-                if isinstance(padding, str) or padding != 0:
+                if isinstance(padding, str) or (padding != 0 and any(padding)):
                     xin = F.pad(xin, conv._reversed_padding_repeated_twice)
+                if role.type == "Conv1d":  # a Conv2d of kernel (1, k) over [B, C, 1, L]
+                    return unfold_patches(
+                        xin.unsqueeze(2),
+                        (1, *conv.kernel_size),
+                        (1, *conv.dilation),
+                        (1, *conv.stride),
+                        bias=role.bias,
+                    )
                 return unfold_patches(
                     xin, conv.kernel_size, conv.dilation, conv.stride, bias=role.bias
                 )
@@ -213,7 +223,8 @@ class HookedPass:
             p_w = p[:, :-1] if role.bias else p
             kernel = p_w.reshape(k, conv.in_channels, *conv.kernel_size)
             p_bias = p[:, -1] if role.bias else None
-            y = F.conv2d(xin, kernel, p_bias, conv.stride, padding, conv.dilation)
+            run = F.conv1d if role.type == "Conv1d" else F.conv2d
+            y = run(xin, kernel, p_bias, conv.stride, padding, conv.dilation)
             return y.reshape(lead, k, -1)
         a = x.reshape(-1, x.shape[-1]).to(self.dtype)
         if identity:
@@ -268,7 +279,7 @@ class HookedPass:
             p_rows, p_cols = self.pg._factors(group, self.dtype, self.device)
             p_out = p_rows if role.out_rows else p_cols
         b = self.size
-        if role.type == "Conv2d":
+        if role.type in CONVOLUTIONS:
             g = grad.reshape(b, grad.shape[1], -1)
             proj_out = g if identity else torch.matmul(p_out, g)
         else:

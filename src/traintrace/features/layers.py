@@ -6,8 +6,8 @@ example's value with respect to the layer's output at position ``t``, ``ã_t`` i
 appended when the bias is selected; the bias is the last column). That ``[rows, cols]`` matrix is
 the layer's *canonical matrix*:
 
-* ``nn.Linear`` weight as is; ``nn.Conv2d`` weight reshaped to ``[out, in·kh·kw]`` (its inputs are
-  the unfolded patches);
+* ``nn.Linear`` weight as is; ``nn.Conv2d`` / ``nn.Conv1d`` weight reshaped to ``[out, in·kh·kw]``
+  / ``[out, in·k]`` (their inputs are the unfolded patches);
 * ``nn.Embedding`` weight ``[V, d]`` transposed to ``[d, V]`` (the input is one-hot);
 * Hugging Face ``Conv1D`` weight ``[d_in, d_out]`` transposed to ``[d_out, d_in]``;
 * a weight tied between several of these modules keeps the orientation of its first module, and
@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-__all__ = ["canonical_matrix", "from_canonical", "layer_type", "norm_type"]
+__all__ = ["CONVOLUTIONS", "canonical_matrix", "from_canonical", "layer_type", "norm_type"]
 
 
 def hf_conv1d(module: nn.Module) -> bool:
@@ -45,10 +45,11 @@ def layer_type(module: nn.Module) -> tuple[str | None, str]:
     """``(type, "")`` for a module the Kronecker hooks support, else ``(None, why not)``."""
     if isinstance(module, nn.Linear):
         return "Linear", ""
-    if isinstance(module, nn.Conv2d):
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+        kind = "Conv1d" if isinstance(module, nn.Conv1d) else "Conv2d"
         if module.groups != 1:
-            return None, f"Conv2d with groups={module.groups}"
-        return "Conv2d", ""
+            return None, f"{kind} with groups={module.groups}"
+        return kind, ""
     if isinstance(module, nn.Embedding):
         if module.max_norm is not None:
             return None, "Embedding with max_norm (renormalizes its weight in forward)"
@@ -57,7 +58,7 @@ def layer_type(module: nn.Module) -> tuple[str | None, str]:
         return "Embedding", ""
     if hf_conv1d(module):
         return "Conv1D", ""
-    return None, f"{type(module).__name__} is not Linear/Conv2d/Embedding/Conv1D"
+    return None, f"{type(module).__name__} is not Linear/Conv1d/Conv2d/Embedding/Conv1D"
 
 
 def norm_type(module: nn.Module) -> str | None:
@@ -78,7 +79,15 @@ def norm_type(module: nn.Module) -> str | None:
 
 
 # natural canonical orientation: is the module's weight the transpose of its [d_out, d_in] matrix?
-TRANSPOSED = {"Linear": False, "Conv2d": False, "Embedding": True, "Conv1D": True}
+TRANSPOSED = {
+    "Linear": False,
+    "Conv1d": False,
+    "Conv2d": False,
+    "Embedding": True,
+    "Conv1D": True,
+}
+#: the layer types whose inputs are unfolded into patches (one position per output location)
+CONVOLUTIONS = ("Conv1d", "Conv2d")
 
 
 @dataclass
