@@ -195,3 +195,27 @@ def test_kill_9_mid_run_then_resume(tmp_path):
     got = tracin(model, cks).fit(train).score(queries, resume=journal)
     expected = tracin(model, cks).fit(train).score(queries)
     assert torch.equal(got, expected)
+
+
+def test_fit_reads_the_data_once_and_the_first_pass_records_self_influence(monkeypatch):
+    model, train, queries, cks = setup(seed=5)
+    captured = [0]
+    capture = ExactGradients.capture
+
+    def counted(self, state, batch, kind="loss", **kwargs):
+        if kind == "loss":
+            captured[0] += batch[0].shape[0]
+        return capture(self, state, batch, kind, **kwargs)
+
+    monkeypatch.setattr(ExactGradients, "capture", counted)
+    reference = tracin(model, cks).fit(train).self_influence()  # no score: one pass each
+    assert captured[0] == 8 + 2 * 40  # fit checks the first batch, then a pass per checkpoint
+    est = tracin(model, cks).fit(train)
+    assert captured[0] == 8 + 2 * 40 + 8  # fit: the first batch only (its data is hashed)
+    est.score(queries)
+    before = captured[0]
+    got = est.self_influence()  # the norms came with the streamed pass: no capture
+    assert captured[0] == before
+    torch.testing.assert_close(got, reference, rtol=1e-12, atol=0)
+    scores = est.score(train)  # and it is the diagonal of the scores
+    torch.testing.assert_close(got, scores.diagonal(), rtol=1e-10, atol=1e-14)

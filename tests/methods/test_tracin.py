@@ -324,8 +324,12 @@ def test_non_finite_gradients_name_the_examples():
     est = tt.TracIn(
         model, tt.Classification(), [tt.Checkpoint(states[0], lr=0.1)], batch_size=4, progress=False
     )
+    # fit only fingerprints the data (and checks the first batch); the first streamed pass
+    # captures every example and names the bad one
     with pytest.raises(tt.NonFiniteGradientError, match=r"examples \[6\].*Check those inputs"):
-        est.fit(TensorDataset(xt, yt))
+        est.fit(TensorDataset(xt, yt)).score(TensorDataset(xt[:2], yt[:2]))
+    with pytest.raises(tt.NonFiniteGradientError, match=r"examples \[6\].*Check those inputs"):
+        est.fit(TensorDataset(xt, yt)).self_influence()
 
 
 def test_shuffled_loader_and_bad_arguments_are_refused():
@@ -385,12 +389,15 @@ def test_bad_labels_and_overflow_are_named_errors_with_the_example():
     bad = y.clone()
     bad[13] = 7
     est = tt.TracIn(model, tt.Classification(), ckpts, batch_size=8, progress=False)
-    with pytest.raises(tt.LabelError, match=r"\[13\]"):
-        est.fit(TensorDataset(x, bad))  # its data-set index, not its position in the batch
+    queries = TensorDataset(x[:2], y[:2])
+    with pytest.raises(tt.LabelError, match=r"\[13\]"):  # its data-set index, not its position
+        est.fit(TensorDataset(x, bad)).score(queries)
     huge = x.clone()
     huge[5] *= 1e25  # finite inputs whose squared gradient norm overflows float32
-    with pytest.raises(tt.NonFiniteGradientError, match=r"0\.weight.*\[5\]"):
-        est.fit(TensorDataset(huge, y))
+    with pytest.raises(tt.NonFiniteGradientError, match=r"examples near \[5\].*float64"):
+        est.fit(TensorDataset(huge, y)).self_influence()
+    with pytest.raises(tt.NonFiniteGradientError, match=r"\[5\]"):
+        est.fit(TensorDataset(huge, y)).score(queries)
 
 
 def test_a_fitted_store_reopens_without_the_training_data(tmp_path):

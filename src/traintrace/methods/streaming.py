@@ -32,7 +32,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from traintrace.data import DataHasher, batch_size_of, iterate_batches
+from traintrace.data import DataHasher, batch_size_of, iterate_batches, to_plain
 from traintrace.exceptions import ConfigurationError, NonFiniteGradientError, StoreMismatchError
 from traintrace.features.engine import ExactGradients
 from traintrace.features.hooks import Capture
@@ -43,7 +43,7 @@ from traintrace.retrieval.topk import TopK
 if TYPE_CHECKING:
     from traintrace.methods.gradient import GradientEstimator
 
-__all__ = ["ExactStream", "Normalize", "ScoreJournal", "check_normalize", "train_sq_norms"]
+__all__ = ["ExactStream", "Normalize", "ScoreJournal", "check_normalize"]
 
 Normalize = Literal[False, "train", "cosine"]
 
@@ -218,42 +218,6 @@ def _bar(total: int | None, desc: str, progress: bool) -> Any:
     return tqdm(total=total, desc=desc, unit="ex", disable=not progress, leave=False)
 
 
-def train_sq_norms(
-    engine: ExactGradients,
-    state: State,
-    loader: DataLoader,
-    device: torch.device,
-    *,
-    n: int,
-    where: str,
-    progress: bool,
-    on_batch: Callable[[Any], None] | None = None,
-) -> Tensor:
-    """Per-layer squared training-gradient norms ``[U, n]`` at one state (one capture pass)."""
-    out: Tensor | None = None
-    bar = _bar(n, f"gradient norms ({where})", progress)
-    for offset, batch in iterate_batches(loader, device):
-        if on_batch is not None:
-            on_batch(batch)
-        cap = engine.capture(state, batch, "loss", offset=offset, where=where)
-        sq = engine.sq_norms(cap, per_unit=True)
-        if out is None:
-            out = sq.new_zeros(sq.shape[0], n)
-        if not bool(torch.isfinite(sq).all()):
-            layers = [
-                u
-                for u, row in zip(engine.units, sq, strict=True)
-                if not bool(torch.isfinite(row).all())
-            ]
-            _check_finite(sq.sum(0), offset, where, f"the squared gradient norm of {layers[:5]}")
-        out[:, offset : offset + cap.size] = sq
-        bar.update(cap.size)
-    bar.close()
-    if out is None:
-        raise ConfigurationError("the training data set is empty")
-    return out
-
-
 def _check_finite(values: Tensor, offset: int, where: str, what: str) -> None:
     if bool(torch.isfinite(values).all()):
         return
@@ -333,20 +297,29 @@ class ExactStream:
         if self.keep_captures:
             self._fit_kept(est, loader, n)
         elif self._needs_norms(est):
+            # the squared training-gradient norms (self-influence with P = I, the normalized
+            # variants) come from the first streamed pass over each checkpoint, whose captures
+            # hold them: fit only reads the data once for its fingerprint (no forward pass)
+            for c in range(len(est.checkpoints)):  # fail now on a checkpoint that cannot load
+                est.state(c)
             hasher = DataHasher()
-            est.train_sq_norms_ = [
-                train_sq_norms(
-                    self.engine,
-                    est.state(c),
-                    loader,
-                    est.device,
-                    n=n,
-                    where=est.checkpoint_names[c],
-                    progress=est.progress,
-                    on_batch=hasher.update if c == 0 else None,
+            seen = 0
+            bar = _bar(n, "fingerprinting the training set", est.progress)
+            for offset, batch in iterate_batches(loader, torch.device("cpu")):
+                if offset == 0:  # fail now on a batch the model or the hooks cannot take
+                    first = to_plain(batch, est.device)
+                    where = f"{est.checkpoint_names[0]} (checking the first batch)"
+                    self.engine.capture(est.state(0), first, "loss", offset=0, where=where)
+                hasher.update(batch)
+                seen += batch_size_of(batch)
+                bar.update(batch_size_of(batch))
+            bar.close()
+            if seen != n:
+                raise ConfigurationError(
+                    f"the training data yielded {seen} examples but has length {n}"
                 )
-                for c in range(len(est.checkpoints))
-            ]
+            #: per checkpoint ``[U, n]`` squared norms, filled by the first full streamed pass
+            est.train_sq_norms_ = [None] * len(est.checkpoints)
             #: full-content fingerprint of the training data seen by ``fit``
             est.data_fingerprint_ = hasher.hexdigest()
         self._train = loader
@@ -456,15 +429,28 @@ class ExactStream:
             bar = _bar(n, f"scoring {m} queries ({names[c]})", progress)
             skip = max(0, start - c * n)
             bar.update(skip)
+            # the training norms: recorded by an earlier pass, else taken from this one's captures
+            known = None if train_norms is None else train_norms[c]
+            record = train_norms is not None and known is None
+            fresh: Tensor | None = None
             train = self._train_captures(
                 est, c, state, skip_before=skip, digests=digests if c == 0 else None
             )
             for offset, cap in train:
                 parts = [engine.dot(cap, d, per_unit=layerwise) for d in dirs]
                 block = torch.cat(parts, dim=-2)  # [m, B] or [U, m, B]
+                tn = None
+                if known is not None:
+                    tn = known[:, offset : offset + cap.size]  # [U, B]
+                elif record or normalize:
+                    tn = engine.sq_norms(cap, per_unit=True)
+                    _check_finite(tn.sum(0), offset, names[c], "a squared gradient norm")
+                    if record:
+                        if fresh is None:
+                            fresh = tn.new_zeros(tn.shape[0], n)
+                        fresh[:, offset : offset + cap.size] = tn
                 if normalize:
-                    assert train_norms is not None
-                    tn = train_norms[c][:, offset : offset + cap.size]  # [U, B]
+                    assert tn is not None
                     tn = tn.sqrt() if layerwise else tn.sum(0).sqrt()
                     denom = tn.unsqueeze(-2)  # [U, 1, B] or [1, B]
                     if qn is not None:
@@ -479,6 +465,8 @@ class ExactStream:
                 if progress_made is not None:
                     progress_made(c * n + offset + cap.size, offset + cap.size == n)
             bar.close()
+            if record and skip == 0 and fresh is not None:
+                est.train_sq_norms_[c] = fresh  # a complete pass: self-influence is now free
             del state, dirs
         return m
 
@@ -611,9 +599,11 @@ class ExactStream:
 
     def self_influence(self, est: GradientEstimator) -> Tensor:
         """``Σ_c w_c ∇l(z, θ_c)ᵀ P_c ∇l(z, θ_c)`` for every training example, ``[n]``: from the
-        norms ``fit`` recorded when every ``P_c = I``, else one pass per checkpoint."""
+        norms an earlier streamed pass recorded when every ``P_c = I``, else one pass per
+        checkpoint."""
         norms = est.train_sq_norms_
-        if norms is not None and all(isinstance(p, Identity) for p in est.preconditioners):
+        complete = norms is not None and all(x is not None for x in norms)
+        if complete and all(isinstance(p, Identity) for p in est.preconditioners):
             total = torch.zeros(est.n_train_, dtype=norms[0].dtype)
             for w, sq in zip(est.weights, norms, strict=True):
                 total += w * sq.sum(0).cpu()
