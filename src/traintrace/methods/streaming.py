@@ -257,9 +257,13 @@ def _query_blocks(
 class ExactStream:
     """The exact featurizer (``R = I``): the engine's captures, streamed; nothing stored.
 
-    ``fit`` records, in one capture pass per checkpoint, the per-layer squared training-gradient
-    norms (``[U, n]`` per checkpoint: self-influence for ``P = I`` and the normalized variants)
-    and a full-content fingerprint of the training data, unless the estimator needs neither.
+    ``fit`` reads the training data once for a full-content fingerprint (no forward pass; the
+    first batch is captured once to fail early on a batch or checkpoint the model cannot take).
+    The per-layer squared training-gradient norms (``[U, n]`` per checkpoint: self-influence for
+    ``P = I`` and the normalized variants) come from the first complete streamed pass over each
+    checkpoint, whose captures hold them, so ``self_influence`` after a ``score`` costs nothing
+    and on its own one pass per checkpoint. A bad training example (non-finite gradient, invalid
+    label) is reported, by its data-set index, by the first pass that captures it.
     ``score`` / ``top_k`` stream (module docs); ``top_k`` is always exact.
 
     ``keep_captures=True`` keeps the training captures of ``fit``'s pass in memory (on the

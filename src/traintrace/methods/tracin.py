@@ -84,8 +84,9 @@ class TracIn(GradientEstimator):
     ``normalize="cosine"`` only.
 
     **Two ways to serve queries.** ``projection=None`` and ``store=None`` (the default) is the
-    exact *streaming* path: ``fit`` makes one capture pass per checkpoint (the training-gradient
-    norms, ``[layers, n]`` numbers), and every ``score`` / ``top_k`` call captures the queries and
+    exact *streaming* path: ``fit`` reads the training data once for its fingerprint (the
+    training-gradient norms, ``[layers, n]`` numbers, come with the first streamed pass), and
+    every ``score`` / ``top_k`` call captures the queries and
     streams the training set once per checkpoint and block of ``query_block`` queries
     (:mod:`traintrace.methods.streaming`); nothing of size ``n × P`` is formed or written. Choose
     it when the queries are known up front. With a ``projection`` (or a ``store``), ``fit``
