@@ -275,12 +275,13 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
-def _write_atomic(path: Path, text: str, durable: bool) -> None:
+def write_atomic(path: Path, content: str | bytes, durable: bool) -> None:
     """Write to a unique temporary name, fsync, rename over ``path``: readers see old or new."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex}.tmp")
+    data = content.encode("utf-8") if isinstance(content, str) else content
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
+        with open(tmp, "wb") as f:
+            f.write(data)
             f.flush()
             if durable:
                 os.fsync(f.fileno())
@@ -296,7 +297,7 @@ def _write_atomic(path: Path, text: str, durable: bool) -> None:
 def _write_json_atomic(
     path: Path, payload: dict[str, Any], durable: bool, indent: int | None = None
 ) -> None:
-    _write_atomic(path, json.dumps(payload, sort_keys=True, indent=indent) + "\n", durable)
+    write_atomic(path, json.dumps(payload, sort_keys=True, indent=indent) + "\n", durable)
 
 
 _SEEK_LOCK = threading.Lock()  # for platforms without positioned I/O (seek + read/write)
@@ -1273,7 +1274,7 @@ class FeatureStore:
         ]
         try:
             self._check_same_store()
-            _write_atomic(self._done_dir() / _ALL, "".join(lines), self.durable)
+            write_atomic(self._done_dir() / _ALL, "".join(lines), self.durable)
         except OSError as err:
             if err.errno in _DISK_FULL:
                 raise _disk_full(err, self.path, "finalizing it") from None

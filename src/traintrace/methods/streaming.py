@@ -19,10 +19,10 @@ by ``‖∇f(z', θ_c)‖`` (GAS); ``layerwise=True`` does so per layer and sums
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -36,6 +36,7 @@ from traintrace.data import DataHasher, batch_size_of, iterate_batches, to_plain
 from traintrace.exceptions import ConfigurationError, NonFiniteGradientError, StoreMismatchError
 from traintrace.features.engine import ExactGradients
 from traintrace.features.hooks import Capture
+from traintrace.features.store import write_atomic
 from traintrace.methods.preconditioners import Identity
 from traintrace.retrieval.exact import RunningTopK
 from traintrace.retrieval.topk import TopK
@@ -110,20 +111,7 @@ class ScoreJournal:
                     "delete this one to start over"
                 )
         else:
-            self._write(manifest, lambda f: f.write(text.encode()))
-
-    def _write(self, path: Path, write: Callable[[Any], None]) -> None:
-        tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex}.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                write(f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            raise
+            write_atomic(manifest, text, durable=True)
 
     def _file(self, block: int, partial: bool) -> Path:
         return self.path / f"block-{block:06d}{'.partial' if partial else ''}.pt"
@@ -149,7 +137,9 @@ class ScoreJournal:
         return self._load(self._file(block, True), query_hash)
 
     def save(self, block: int, state: dict[str, Any], *, done: bool) -> None:
-        self._write(self._file(block, not done), lambda f: torch.save(state, f))
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        write_atomic(self._file(block, not done), buffer.getvalue(), durable=True)
         if done:
             with contextlib.suppress(FileNotFoundError):
                 self._file(block, True).unlink()
