@@ -407,6 +407,24 @@ def test_unsupported_parameters_get_an_exact_diagonal_block_or_raise():
     torch.testing.assert_close(out, torch.linalg.solve(dense, v), rtol=1e-8, atol=1e-10)
 
 
+def test_a_grouped_convolution_gets_an_exact_diagonal_block():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 3, groups=2), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 3 * 3, 3)
+    ).to(DT)
+    task = Classification()
+    x, y = torch.randn(N, 2, 5, 5, dtype=DT), torch.randint(0, 3, (N,))
+    inv = EKFAC(sampled_labels=False).prepare(model, task, None, _split((x, y)))
+    assert inv.coverage["0.weight"].startswith("diagonal:a convolution with groups=2")
+    assert inv.coverage["3.weight"] == "kronecker:Linear"
+    g = exact_grads(model, task, (x, y))
+    sl = inv.layout.slices()
+    for name in ("0.weight", "0.bias"):
+        torch.testing.assert_close(
+            inv.diagonal[name].reshape(-1), (g[:, sl[name]] ** 2).mean(0), rtol=1e-10, atol=1e-14
+        )
+
+
 class FunctionalUse(nn.Module):
     """``fc`` is only used through ``F.linear``: its forward hook never fires."""
 

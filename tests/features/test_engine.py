@@ -70,7 +70,7 @@ def conv_model(**kw) -> nn.Module:
     return nn.Sequential(
         nn.Conv2d(2, 4, 3, **kw),
         nn.Tanh(),
-        nn.Conv2d(4, 4, 2, groups=2),  # grouped: vmap fallback
+        nn.Conv2d(4, 4, 2, groups=2),  # grouped: one capture term per group
         nn.Flatten(),
         nn.LazyLinear(3),
     )
@@ -157,8 +157,11 @@ def test_coverage_names_paths():
     model(torch.randn(1, 2, 7, 7, dtype=torch.float64))
     cov = ExactGradients(model, tt.Classification()).coverage
     assert cov["0.weight"] == "hooks:Conv2d"
-    assert cov["2.weight"].startswith("vmap")
+    assert cov["2.weight"] == "hooks:Conv2d"  # groups=2: one capture term per group
     assert cov["4.weight"] == "hooks:Linear"
+    depthwise = nn.Sequential(nn.Conv2d(16, 16, 3, groups=16), nn.Flatten(), nn.Linear(16, 2))
+    cov = ExactGradients(depthwise, tt.Classification()).coverage
+    assert cov["0.weight"] == "vmap"  # more than MAX_GROUPS groups: the exact fallback
 
 
 def test_hf_conv1d_and_gpt2_sequences():

@@ -203,6 +203,11 @@ def case(name: str):
         return CNN().double(), cls, (randn(5, 1, 6, 6), labels(5, 4)), 30, None
     if name == "conv2d-variants":
         return ConvNet().double(), cls, (randn(4, 2, 9, 9), labels(4, 3)), 40, None
+    if name == "conv2d-grouped":
+        model = nn.Sequential(
+            nn.Conv2d(4, 6, 3, groups=2, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(6 * 25, 3)
+        )
+        return model.double(), cls, (randn(4, 4, 5, 5), labels(4, 3)), 40, None
     if name == "conv1d":
         return Conv1dNet().double(), cls, (randn(4, 3, 12), labels(4, 3)), 40, None
     if name == "embedding":
@@ -291,6 +296,7 @@ KRONECKER_CASES = [
     ("conv2d", "kronecker:Conv2d"),
     ("conv2d-variants", "kronecker:Conv2d"),
     ("conv1d", "kronecker:Conv1d"),
+    ("conv2d-grouped", "kronecker:Conv2d"),
     ("embedding", "kronecker:Embedding"),
     ("gpt2", "kronecker:Conv1D"),
     ("bert", "kronecker:Embedding"),

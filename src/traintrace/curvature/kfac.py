@@ -32,8 +32,8 @@ and the exact engine): ``A`` from the captured cols sides, ``S`` from the rows s
 * ``nn.Linear`` and Hugging Face ``Conv1D``: every leading index between the batch dimension and
   the features, so a ``[B, T, d]`` input is a sequence of ``T`` positions (weight sharing over
   tokens); ``Conv1D``'s ``[d_in, d_out]`` weight is transposed to the canonical ``[d_out, d_in]``;
-* ``nn.Conv2d`` / ``nn.Conv1d`` (``groups=1``, any stride, dilation, padding and padding
-  mode): every output location of the convolution; activations are the unfolded input patches
+* ``nn.Conv2d`` / ``nn.Conv1d`` (any stride, dilation, padding and padding mode; a grouped
+  convolution's Fisher block is not one Kronecker product, so it gets an exact diagonal block): every output location of the convolution; activations are the unfolded input patches
   (``F.unfold``, channel-major ``C·kh·kw`` / ``C·k``), matching the weight reshaped to
   ``[out, C·kh·kw]`` / ``[out, C·k]``;
 * ``nn.Embedding`` (canonical matrix ``[d, V]``, the weight transposed): every token; the
@@ -782,6 +782,13 @@ class _Fitter:
         self._by_key = {g.key: g for g in self.pg._groups}
         self.too_large: dict[str, str] = {}
         for g in self.pg._groups:
+            groups = max(getattr(r.module, "groups", 1) for r in g.roles)
+            if groups > 1 and g.weight is not None:
+                self.too_large[g.key] = (
+                    f"a convolution with groups={groups} (its Fisher block is not one Kronecker "
+                    "product; an exact diagonal block instead)"
+                )
+                continue
             a_diag = all(r.type == "Embedding" and r.out_rows for r in g.roles)
             side = max(g.rows, 0 if a_diag else g.cols)
             if side > MAX_FACTOR_DIM:

@@ -200,32 +200,16 @@ class HookedPass:
             return ones.reshape(1, k, 1).expand(lead, k, positions)
         if role.type in CONVOLUTIONS:
             conv: nn.Conv1d | nn.Conv2d = module  # type: ignore[assignment]
-            xin = x.to(self.dtype)
-            padding: Any = conv.padding
-            if conv.padding_mode != "zeros":
-                xin = F.pad(xin, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
-                padding = 0
-            if identity:
-                if isinstance(padding, str) or (padding != 0 and any(padding)):
-                    xin = F.pad(xin, conv._reversed_padding_repeated_twice)
-                if role.type == "Conv1d":  # a Conv2d of kernel (1, k) over [B, C, 1, L]
-                    return unfold_patches(
-                        xin.unsqueeze(2),
-                        (1, *conv.kernel_size),
-                        (1, *conv.dilation),
-                        (1, *conv.stride),
-                        bias=role.bias,
-                    )
-                return unfold_patches(
-                    xin, conv.kernel_size, conv.dilation, conv.stride, bias=role.bias
-                )
-            assert p is not None
-            p_w = p[:, :-1] if role.bias else p
-            kernel = p_w.reshape(k, conv.in_channels, *conv.kernel_size)
-            p_bias = p[:, -1] if role.bias else None
-            run = F.conv1d if role.type == "Conv1d" else F.conv2d
-            y = run(xin, kernel, p_bias, conv.stride, padding, conv.dilation)
-            return y.reshape(lead, k, -1)
+            if conv.groups == 1:
+                return self._conv_side(conv, role, x, lead, p, k, identity)
+            # one input side per group, [lead, groups, k_in, T]: group j's output channels see
+            # only its input channels (_accumulate gives each group its own rows)
+            per = conv.in_channels // conv.groups
+            sides = [
+                self._conv_side(conv, role, x[:, j * per : (j + 1) * per], lead, p, k, identity)
+                for j in range(conv.groups)
+            ]
+            return torch.stack(sides, dim=1)
         a = x.reshape(-1, x.shape[-1]).to(self.dtype)
         if identity:
             m = a.T
@@ -236,6 +220,43 @@ class HookedPass:
         else:
             m = p @ a.T
         return _per_example(m, lead)
+
+    def _conv_side(
+        self,
+        conv: nn.Conv1d | nn.Conv2d,
+        role: _Role,
+        x: Tensor,
+        lead: int,
+        p: Tensor | None,
+        k: int,
+        identity: bool,
+    ) -> Tensor:
+        """A convolution's input side ``[lead, k_in, T]`` over the input channels in ``x``: its
+        patches, or ``P_in`` applied to them (a convolution with ``P_in`` as kernels)."""
+        xin = x.to(self.dtype)
+        padding: Any = conv.padding
+        if conv.padding_mode != "zeros":
+            xin = F.pad(xin, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
+            padding = 0
+        if identity:
+            if isinstance(padding, str) or (padding != 0 and any(padding)):
+                xin = F.pad(xin, conv._reversed_padding_repeated_twice)
+            if role.type == "Conv1d":  # a Conv2d of kernel (1, k) over [B, C, 1, L]
+                return unfold_patches(
+                    xin.unsqueeze(2),
+                    (1, *conv.kernel_size),
+                    (1, *conv.dilation),
+                    (1, *conv.stride),
+                    bias=role.bias,
+                )
+            return unfold_patches(xin, conv.kernel_size, conv.dilation, conv.stride, bias=role.bias)
+        assert p is not None
+        p_w = p[:, :-1] if role.bias else p
+        kernel = p_w.reshape(k, x.shape[1], *conv.kernel_size)
+        p_bias = p[:, -1] if role.bias else None
+        run = F.conv1d if role.type == "Conv1d" else F.conv2d
+        y = run(xin, kernel, p_bias, conv.stride, padding, conv.dilation)
+        return y.reshape(lead, k, -1)
 
     def _norm_inputs(self, norm: _Norm, module: nn.Module, x: Tensor) -> tuple[Tensor, ...]:
         """What the backward needs: ``x̂`` (Layer/RMSNorm), or ``x``, mean, 1/std (BatchNorm)."""
@@ -279,12 +300,27 @@ class HookedPass:
             p_rows, p_cols = self.pg._factors(group, self.dtype, self.device)
             p_out = p_rows if role.out_rows else p_cols
         b = self.size
+        groups = getattr(role.module, "groups", 1) if role.type in CONVOLUTIONS else 1
+        if groups > 1 and role.weight:
+            # group j: its output channels' gradients (other rows zero) × its own input side
+            g = grad.reshape(b, grad.shape[1], -1)
+            per = g.shape[1] // groups
+            for j in range(groups):
+                rows_j = torch.zeros_like(g)
+                rows_j[:, j * per : (j + 1) * per] = g[:, j * per : (j + 1) * per]
+                out_j = rows_j if identity else torch.matmul(p_out, rows_j)
+                self._term(group, role, out_j, proj_in[:, j])
+            return
         if role.type in CONVOLUTIONS:
             g = grad.reshape(b, grad.shape[1], -1)
             proj_out = g if identity else torch.matmul(p_out, g)
         else:
             g = grad.reshape(-1, grad.shape[-1])
             proj_out = _per_example(g.T if identity else p_out @ g.T, b)
+        self._term(group, role, proj_out, proj_in)
+
+    def _term(self, group: _Group, role: _Role, proj_out: Tensor, proj_in: Tensor) -> None:
+        """Record one ``(output side, input side)`` term of a group's per-example gradient."""
         rows, cols = (proj_out, proj_in) if role.out_rows else (proj_in, proj_out)
         if self.capture:
             self.terms.setdefault(group.key, []).append((rows.detach(), cols.detach()))

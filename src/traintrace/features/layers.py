@@ -15,7 +15,7 @@ the layer's *canonical matrix*:
 
 Normalization layers (LayerNorm, RMSNorm, BatchNorm in eval mode) have exact per-example affine
 gradients from the same hooks (``Σ_t b_t ⊙ x̂_t``); everything else (raw ``nn.Parameter``\\ s,
-grouped convolutions, Embedding with ``max_norm``) falls back to ``vmap`` gradients, and
+convolutions with more than ``MAX_GROUPS`` groups, Embedding with ``max_norm``) falls back to ``vmap`` gradients, and
 :func:`layer_type` says why. :class:`~traintrace.features.projections.ProjectedGradients` (random
 projections) and :mod:`~traintrace.features.engine` (exact contraction scores) share these rules.
 """
@@ -28,7 +28,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-__all__ = ["CONVOLUTIONS", "canonical_matrix", "from_canonical", "layer_type", "norm_type"]
+__all__ = [
+    "CONVOLUTIONS",
+    "MAX_GROUPS",
+    "canonical_matrix",
+    "from_canonical",
+    "layer_type",
+    "norm_type",
+]
 
 
 def hf_conv1d(module: nn.Module) -> bool:
@@ -47,8 +54,11 @@ def layer_type(module: nn.Module) -> tuple[str | None, str]:
         return "Linear", ""
     if isinstance(module, (nn.Conv1d, nn.Conv2d)):
         kind = "Conv1d" if isinstance(module, nn.Conv1d) else "Conv2d"
-        if module.groups != 1:
-            return None, f"{kind} with groups={module.groups}"
+        if module.groups > MAX_GROUPS:
+            return None, (
+                f"{kind} with groups={module.groups} > {MAX_GROUPS} (one capture term per group "
+                "would cost groups × the layer's gradient)"
+            )
         return kind, ""
     if isinstance(module, nn.Embedding):
         if module.max_norm is not None:
@@ -88,6 +98,9 @@ TRANSPOSED = {
 }
 #: the layer types whose inputs are unfolded into patches (one position per output location)
 CONVOLUTIONS = ("Conv1d", "Conv2d")
+#: grouped convolutions up to this many groups are hooked: group ``j``'s gradient is the output
+#: gradients of its channels times its own input patches, one capture term per group
+MAX_GROUPS = 8
 
 
 @dataclass
