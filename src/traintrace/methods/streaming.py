@@ -23,7 +23,7 @@ import io
 import json
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -72,9 +72,11 @@ def check_normalize(normalize: Any, layerwise: Any) -> tuple[Normalize, bool]:
 # ----------------------------------------------------------------------------------------------
 # resuming after a kill
 # ----------------------------------------------------------------------------------------------
-def _batch_digest(batch: Any) -> str:
+def _digest(batches: Iterable[Any]) -> str:
+    """Content hash of some batches (a training batch, or a block of queries)."""
     hasher = DataHasher()
-    hasher.update(batch)
+    for batch in batches:
+        hasher.update(batch)
     return hasher.hexdigest()
 
 
@@ -153,13 +155,6 @@ def _describe_preconditioner(p: Any) -> dict[str, Any]:
         out["inverse"] = type(inverse).__name__
         out["scale"] = getattr(p, "scale", None)
     return out
-
-
-def _query_hash(block: list[tuple[int, Any]]) -> str:
-    hasher = DataHasher()
-    for _, batch in block:
-        hasher.update(batch)
-    return hasher.hexdigest()
 
 
 def _topk_from_state(state: dict[str, Any]) -> TopK:
@@ -369,7 +364,7 @@ class ExactStream:
         where = est.checkpoint_names[c]
         for index, (offset, batch) in enumerate(iterate_batches(self._train, est.device)):
             if digests is not None:
-                digest = _batch_digest(batch)
+                digest = _digest([batch])
                 if index < len(digests):
                     if digests[index] != digest:
                         raise StoreMismatchError(
@@ -471,15 +466,20 @@ class ExactStream:
         index: int,
         journal: ScoreJournal | None,
         consume: Callable[[int, Tensor], None],
-        state: dict[str, Any],
+        snapshot: Callable[[bool], dict[str, Any]],
         restore: Callable[[dict[str, Any]], None],
-    ) -> None:
-        """Stream one query block, saving ``state`` (the caller's running result, updated in
-        place by ``consume``) to the journal as it goes, and resuming from a saved one."""
+    ) -> dict[str, Any] | None:
+        """Stream one query block through the journal: returns its finished state when the
+        journal has it (nothing is streamed), else streams it (from a saved partial state when
+        there is one), saving ``snapshot(final)`` of the caller's running result as it goes,
+        and returns None."""
         if journal is None:
             self._block_scores(est, block, consume)
-            return
-        qh = _query_hash(block)
+            return None
+        qh = _digest(batch for _, batch in block)
+        done = journal.finished(index, qh)
+        if done is not None:
+            return done
         saved = journal.partial(index, qh)
         start, digests = 0, []
         if saved is not None:
@@ -490,14 +490,13 @@ class ExactStream:
         def save(position: int, end_of_pass: bool) -> None:
             now = time.monotonic()
             if end_of_pass or now - last[0] >= journal.interval:
-                journal.save(
-                    index,
-                    {**state, "query_hash": qh, "position": position, "digests": digests},
-                    done=False,
-                )
+                state = {**snapshot(False), "query_hash": qh}
+                journal.save(index, {**state, "position": position, "digests": digests}, done=False)
                 last[0] = now
 
         self._block_scores(est, block, consume, start=start, digests=digests, progress_made=save)
+        journal.save(index, {**snapshot(True), "query_hash": qh}, done=True)
+        return None
 
     def score_blocks(
         self, est: GradientEstimator, queries: DataLoader, journal: ScoreJournal | None = None
@@ -507,28 +506,22 @@ class ExactStream:
         n = est.n_train_
         for index, block in enumerate(_query_blocks(queries, est.device, est.query_block)):
             m = sum(batch_size_of(b) for _, b in block)
-            if journal is not None:
-                done = journal.finished(index, _query_hash(block))
-                if done is not None:
-                    yield done["scores"]
-                    continue
-            state: dict[str, Any] = {"scores": None}
+            holder: list[Tensor] = []
 
-            def consume(pos: int, scores: Tensor, m: int = m, state: dict = state) -> None:
-                if state["scores"] is None:
-                    state["scores"] = scores.new_zeros(m, n).cpu()
+            def consume(pos: int, scores: Tensor, m: int = m, holder: list = holder) -> None:
+                if not holder:
+                    holder.append(scores.new_zeros(m, n).cpu())
                 offset = pos % n
-                state["scores"][:, offset : offset + scores.shape[1]] += scores.cpu()
+                holder[0][:, offset : offset + scores.shape[1]] += scores.cpu()
 
-            def restore(saved: dict[str, Any], state: dict = state) -> None:
-                state["scores"] = saved["scores"]
+            def snapshot(final: bool, holder: list = holder) -> dict[str, Any]:
+                return {"scores": holder[0] if holder else None}
 
-            self._journaled(est, block, index, journal, consume, state, restore)
-            if journal is not None:
-                journal.save(
-                    index, {"scores": state["scores"], "query_hash": _query_hash(block)}, done=True
-                )
-            yield state["scores"]
+            def restore(saved: dict[str, Any], holder: list = holder) -> None:
+                holder[:] = [] if saved["scores"] is None else [saved["scores"]]
+
+            done = self._journaled(est, block, index, journal, consume, snapshot, restore)
+            yield done["scores"] if done is not None else holder[0]
 
     def top_k(
         self,
@@ -551,44 +544,41 @@ class ExactStream:
         parts: list[TopK] = []
         for index, block in enumerate(_query_blocks(queries, est.device, est.query_block)):
             m = sum(batch_size_of(b) for _, b in block)
-            if journal is not None:
-                done = journal.finished(index, _query_hash(block))
-                if done is not None:
-                    parts.append(_topk_from_state(done))
-                    continue
             runner = RunningTopK(k)
-            state: dict[str, Any] = {"top": None, "bottom": None, "partial": None}
+            partial: list[Tensor] = []
 
             def consume(
                 pos: int,
                 scores: Tensor,
                 m: int = m,
                 runner: RunningTopK = runner,
-                state: dict = state,
+                partial: list = partial,
             ) -> None:
                 c, offset = divmod(pos, n)
                 if count == 1:
                     runner.update(offset, scores)
-                else:
-                    if state["partial"] is None:
-                        state["partial"] = scores.new_zeros(m, n).cpu()
-                    cols = slice(offset, offset + scores.shape[1])
-                    state["partial"][:, cols] += scores.cpu()
-                    if c == count - 1:
-                        runner.update(offset, state["partial"][:, cols])
-                state["top"], state["bottom"] = runner.top, runner.bottom
+                    return
+                if not partial:
+                    partial.append(scores.new_zeros(m, n).cpu())
+                cols = slice(offset, offset + scores.shape[1])
+                partial[0][:, cols] += scores.cpu()
+                if c == count - 1:
+                    runner.update(offset, partial[0][:, cols])
+
+            def snapshot(
+                final: bool, runner: RunningTopK = runner, partial: list = partial
+            ) -> dict[str, Any]:
+                kept = None if final or not partial else partial[0]  # a finished block: top-k only
+                return {"top": runner.top, "bottom": runner.bottom, "partial": kept}
 
             def restore(
-                saved: dict[str, Any], runner: RunningTopK = runner, state: dict = state
+                saved: dict[str, Any], runner: RunningTopK = runner, partial: list = partial
             ) -> None:
                 runner.top, runner.bottom = saved["top"], saved["bottom"]
-                state.update(top=saved["top"], bottom=saved["bottom"], partial=saved["partial"])
+                partial[:] = [] if saved["partial"] is None else [saved["partial"]]
 
-            self._journaled(est, block, index, journal, consume, state, restore)
-            if journal is not None:
-                final = {"top": runner.top, "bottom": runner.bottom, "partial": None}
-                journal.save(index, {**final, "query_hash": _query_hash(block)}, done=True)
-            parts.append(runner.result())
+            done = self._journaled(est, block, index, journal, consume, snapshot, restore)
+            parts.append(_topk_from_state(done) if done is not None else runner.result())
         return TopK.concat(parts)
 
     def self_influence(self, est: GradientEstimator) -> Tensor:
