@@ -32,10 +32,11 @@ and the exact engine): ``A`` from the captured cols sides, ``S`` from the rows s
 * ``nn.Linear`` and Hugging Face ``Conv1D``: every leading index between the batch dimension and
   the features, so a ``[B, T, d]`` input is a sequence of ``T`` positions (weight sharing over
   tokens); ``Conv1D``'s ``[d_in, d_out]`` weight is transposed to the canonical ``[d_out, d_in]``;
-* ``nn.Conv2d`` / ``nn.Conv1d`` (any stride, dilation, padding and padding mode; a grouped
-  convolution's Fisher block is not one Kronecker product, so it gets an exact diagonal block): every output location of the convolution; activations are the unfolded input patches
-  (``F.unfold``, channel-major ``C·kh·kw`` / ``C·k``), matching the weight reshaped to
-  ``[out, C·kh·kw]`` / ``[out, C·k]``;
+* ``nn.Conv2d`` / ``nn.Conv1d`` (any stride, dilation, padding and padding mode): every output
+  location of the convolution; activations are the unfolded input patches (``F.unfold``,
+  channel-major ``C·kh·kw`` / ``C·k``), matching the weight reshaped to ``[out, C·kh·kw]`` /
+  ``[out, C·k]``. A grouped convolution's Fisher block is not one Kronecker product: it gets an
+  exact diagonal block;
 * ``nn.Embedding`` (canonical matrix ``[d, V]``, the weight transposed): every token; the
   activation is the one-hot vector of the token, so ``A`` is *diagonal* (token counts / N) and
   is stored as a vector — no vocabulary-squared matrix is formed. Positions equal to
@@ -118,7 +119,14 @@ from tqdm import tqdm
 
 from traintrace.data import batch_size_of, to_plain
 from traintrace.exceptions import ConfigurationError, NonFiniteGradientError
-from traintrace.features.engine import Directions, ExactGradients, _form, rotate_side, rotate_terms
+from traintrace.features.engine import (
+    Directions,
+    ExactGradients,
+    _form,
+    _slice_terms,
+    rotate_side,
+    rotate_terms,
+)
 from traintrace.features.hooks import Capture
 from traintrace.features.layers import _Group, canonical_matrix, from_canonical, layer_type
 from traintrace.features.params import Layers, ParameterLayout
@@ -718,18 +726,6 @@ def _token_sums(
     return uniq, sums
 
 
-def _slice(
-    terms: list[tuple[Tensor, Tensor]], start: int, stop: int, dtype: torch.dtype
-) -> list[tuple[Tensor, Tensor]]:
-    """Examples ``start:stop`` of every term, dense sides cast to ``dtype`` (tokens kept)."""
-
-    def cut(x: Tensor) -> Tensor:
-        x = x[start:stop]
-        return x if _is_tokens(x) else x.to(dtype)
-
-    return [(cut(r), cut(c)) for r, c in terms]
-
-
 def _densify_tokens(rot: list[tuple[Tensor, Tensor]], cols: int) -> list[tuple[Tensor, Tensor]]:
     out = []
     for r, c in rot:
@@ -780,11 +776,12 @@ class _Fitter:
         self._modules = dict(model.named_modules())
         self.dense_reasons = {n: self._dense_reason(n) for n in self.pg._dense_names}
         self._by_key = {g.key: g for g in self.pg._groups}
-        self.too_large: dict[str, str] = {}
+        #: hooked groups that get an exact diagonal block instead of Kronecker factors: the reason
+        self.not_factored: dict[str, str] = {}
         for g in self.pg._groups:
             groups = max(getattr(r.module, "groups", 1) for r in g.roles)
             if groups > 1 and g.weight is not None:
-                self.too_large[g.key] = (
+                self.not_factored[g.key] = (
                     f"a convolution with groups={groups} (its Fisher block is not one Kronecker "
                     "product; an exact diagonal block instead)"
                 )
@@ -792,12 +789,14 @@ class _Fitter:
             a_diag = all(r.type == "Embedding" and r.out_rows for r in g.roles)
             side = max(g.rows, 0 if a_diag else g.cols)
             if side > MAX_FACTOR_DIM:
-                self.too_large[g.key] = (
+                self.not_factored[g.key] = (
                     f"a dense Kronecker factor would be [{side} x {side}] "
                     f"(> MAX_FACTOR_DIM = {MAX_FACTOR_DIM})"
                 )
         listed = [f"{n} ({r})" for n, r in self.dense_reasons.items()]
-        listed += [f"{n} ({r})" for k, r in self.too_large.items() for n in self._by_key[k].params]
+        listed += [
+            f"{n} ({r})" for k, r in self.not_factored.items() for n in self._by_key[k].params
+        ]
         if listed and config.unsupported == "raise":
             self._refuse(listed)
 
@@ -915,7 +914,7 @@ class _Fitter:
         self.stats = {
             g.key: self._new_stats(g)
             for g in self.pg._groups
-            if g.key in hooked and g.key not in self.too_large
+            if g.key in hooked and g.key not in self.not_factored
         }
 
     # -- checks ----------------------------------------------------------------------------
@@ -1070,11 +1069,11 @@ class _Fitter:
         if rotate_first < form_first:
             rot = _densify_tokens(rotate_terms(terms, q_s, q_a), cols)
             for start in range(0, b, chunk):
-                m = _form(_slice(rot, start, start + chunk, work), rows, cols)
+                m = _form(_slice_terms(rot, start, start + chunk, work), rows, cols)
                 st.lam_sum += (m**2).sum(dim=0).to(st.lam_sum.dtype)
             return
         for start in range(0, b, chunk):
-            m = _form(_slice(terms, start, start + chunk, work), rows, cols)
+            m = _form(_slice_terms(terms, start, start + chunk, work), rows, cols)
             m = _left(q_s.T, m)
             if q_a is not None:
                 m = _right(m, q_a)
@@ -1149,8 +1148,8 @@ class _Fitter:
             for n in group.params:
                 if group.key in self.stats:
                     coverage[n] = f"kronecker:{group.type}"
-                elif group.key in self.too_large and group.hooked:
-                    coverage[n] = f"diagonal:{self.too_large[group.key]}"
+                elif group.key in self.not_factored and group.hooked:
+                    coverage[n] = f"diagonal:{self.not_factored[group.key]}"
                 else:
                     coverage[n] = f"diagonal:{group.reason}"
         for n, why in self.dense_reasons.items():

@@ -162,8 +162,17 @@ def _form(terms: list[tuple[Tensor, Tensor]], rows: int, cols: int) -> Tensor:
     return out
 
 
-def _slice_terms(terms: list[tuple[Tensor, Tensor]], start: int, stop: int) -> list[Any]:
-    return [(r[start:stop], c[start:stop]) for r, c in terms]
+def _slice_terms(
+    terms: list[tuple[Tensor, Tensor]], start: int, stop: int, dtype: torch.dtype | None = None
+) -> list[Any]:
+    """Examples ``start:stop`` of every term; dense sides cast to ``dtype`` when given (tokens
+    stay integer)."""
+
+    def cut(x: Tensor) -> Tensor:
+        x = x[start:stop]
+        return x if dtype is None or _is_tokens(x) else x.to(dtype)
+
+    return [(cut(r), cut(c)) for r, c in terms]
 
 
 def rotate_side(side: Tensor, q: Tensor | None) -> Tensor:
