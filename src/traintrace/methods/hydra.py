@@ -26,7 +26,7 @@ import shutil
 import tempfile
 import warnings
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import numpy as np
@@ -539,11 +539,11 @@ class TrajectoryRecorder:
         self._flush_if_writable()
         return torch.from_numpy(np.array(self._acc))
 
-    def chunks(self, rows: int) -> Iterator[tuple[int, Tensor]]:
-        """``(first row, [≤ rows, width] copy)`` over the accumulator, for streaming reads."""
+    def rows(self, start: int = 0, stop: int | None = None) -> Tensor:
+        """Rows ``[start, stop)`` of the accumulator, ``[rows, width]`` (a copy), for block reads
+        of a store too large for :meth:`accumulator`."""
         self._flush_if_writable()
-        for start in range(0, self.n_train, rows):
-            yield start, torch.from_numpy(np.array(self._acc[start : start + rows]))
+        return torch.from_numpy(np.array(self._acc[start:stop]))
 
     # -- recording --------------------------------------------------------------------------------
     def record(
@@ -692,7 +692,7 @@ class _RecordedRows:
     def read(
         self, checkpoint: int, start: int = 0, stop: int | None = None, *, out: Tensor | None = None
     ) -> Tensor:
-        rows = torch.from_numpy(np.array(self._rec._acc[start:stop]))
+        rows = self._rec.rows(start, stop)
         if out is None:
             return rows
         out.copy_(rows)
@@ -785,8 +785,43 @@ class RecordedTrajectory(FeatureServing):
     ) -> Tensor:
         return self.gradients.features(state, batch, "measurement", f"query batch at {offset}")
 
-    def self_influence(self, est: GradientEstimator) -> Tensor:  # pragma: no cover - HYDRA's own
-        raise NotImplementedError
+    def self_influence(self, est: GradientEstimator, train: Data | None = None) -> Tensor:
+        """``∇l(z_i, θ_T) · a_i`` from one pass over ``train`` (or the data given to ``fit``)."""
+        data = train if train is not None else est.train_
+        if data is None:
+            raise NotFittedError(
+                "HYDRA.self_influence needs the training data (in recorded-index order): pass it "
+                "here or to fit(train)"
+            )
+        loader = as_loader(data, est.batch_size)
+        source = as_feature_source(est.train_features_)
+        out = torch.zeros(est.n_train_, dtype=est.recorder_.dtype)
+        count = 0
+        for offset, batch in tqdm(
+            iterate_batches(loader, est.device),
+            total=len(loader) if dataset_length(loader) is not None else None,
+            desc="HYDRA self-influence",
+            unit="batch",
+            disable=not est.progress,
+            leave=False,
+        ):
+            g = self.gradients.features(est.state_, batch, "loss", f"training batch at {offset}")
+            size = g.shape[0]
+            if offset + size > est.n_train_:
+                raise ConfigurationError(
+                    f"the training data yields more than n_train={est.n_train_} examples"
+                )
+            rows = source.read(0, offset, offset + size)
+            out[offset : offset + size] = (
+                (g * rows.to(g.device, g.dtype)).sum(dim=1).cpu().to(out.dtype)
+            )
+            count += size
+        if count != est.n_train_:
+            raise ConfigurationError(
+                f"the training data yielded {count} examples but the store has "
+                f"n_train={est.n_train_}"
+            )
+        return out
 
 
 class HYDRA(GradientEstimator):
@@ -908,39 +943,4 @@ class HYDRA(GradientEstimator):
         the order of the recorded indices. Cost: one forward+backward pass over it at ``θ_T``.
         """
         self._check_fitted()
-        data = train if train is not None else self.train_
-        if data is None:
-            raise NotFittedError(
-                "HYDRA.self_influence needs the training data (in recorded-index order): pass it "
-                "here or to fit(train)"
-            )
-        loader = as_loader(data, self.batch_size)
-        source = as_feature_source(self.train_features_)
-        gradients = self.featurizer.gradients
-        out = torch.zeros(self.n_train_, dtype=self.recorder_.dtype)
-        count = 0
-        for offset, batch in tqdm(
-            iterate_batches(loader, self.device),
-            total=len(loader) if dataset_length(loader) is not None else None,
-            desc="HYDRA self-influence",
-            unit="batch",
-            disable=not self.progress,
-            leave=False,
-        ):
-            g = gradients.features(self.state_, batch, "loss", f"training batch at {offset}")
-            size = g.shape[0]
-            if offset + size > self.n_train_:
-                raise ConfigurationError(
-                    f"the training data yields more than n_train={self.n_train_} examples"
-                )
-            rows = source.read(0, offset, offset + size)
-            out[offset : offset + size] = (
-                (g * rows.to(g.device, g.dtype)).sum(dim=1).cpu().to(out.dtype)
-            )
-            count += size
-        if count != self.n_train_:
-            raise ConfigurationError(
-                f"the training data yielded {count} examples but the store has "
-                f"n_train={self.n_train_}"
-            )
-        return out
+        return self.featurizer.self_influence(self, train)
