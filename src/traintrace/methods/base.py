@@ -48,10 +48,12 @@ class Estimator:
     def score(self, queries: Data) -> Tensor:
         """Attribution scores ``[n_query, n_train]``; positive = the training example helps."""
         self._check_fitted()
-        blocks = list(self._score_blocks(queries))
-        if not blocks:
-            return torch.empty(0, self.n_train_)
-        return torch.cat(blocks)
+        return self._stacked(self._score_blocks(queries))
+
+    def _stacked(self, blocks: Iterator[Tensor]) -> Tensor:
+        """Score blocks ``[m_block, n_train]`` stacked in query order (``[0, n_train]`` for none)."""
+        parts = list(blocks)
+        return torch.cat(parts) if parts else torch.empty(0, self.n_train_)
 
     def top_k(self, queries: Data, k: int = 10) -> TopK:
         """The ``k`` strongest proponents and opponents of each query, ``[n_query, k]`` each.

@@ -167,9 +167,13 @@ class GradientEstimator(Estimator):
             raise
         return self
 
-    def _score_blocks(self, queries: Data) -> Iterator[Tensor]:
+    def _score_blocks(self, queries: Data, journal: ScoreJournal | None = None) -> Iterator[Tensor]:
         self._check_fitted()
-        yield from self.featurizer.score_blocks(self, self._loader(queries))
+        loader = self._loader(queries)
+        if journal is None:
+            yield from self.featurizer.score_blocks(self, loader)
+        else:  # only the exact stream journals (_journal refuses the others)
+            yield from self.featurizer.score_blocks(self, loader, journal)
 
     def _journal(
         self, resume: str | os.PathLike[str], kind: str, k: int | None, interval: float
@@ -201,14 +205,9 @@ class GradientEstimator(Estimator):
         checkpoints, training data or queries. See :class:`~traintrace.methods.streaming.
         ScoreJournal`.
         """
-        if resume is None:
-            return super().score(queries)
         self._check_fitted()
-        journal = self._journal(resume, "score", None, resume_interval)
-        blocks = list(self.featurizer.score_blocks(self, self._loader(queries), journal))
-        if not blocks:
-            return torch.empty(0, self.n_train_)
-        return torch.cat(blocks)
+        journal = None if resume is None else self._journal(resume, "score", None, resume_interval)
+        return self._stacked(self._score_blocks(queries, journal))
 
     def top_k(
         self,
@@ -228,10 +227,11 @@ class GradientEstimator(Estimator):
         """
         self._check_fitted()
         check_k(k, self.n_train_)  # before any query gradient is computed
+        loader = self._loader(queries)
         if resume is None:
-            return self.featurizer.top_k(self, self._loader(queries), k, method)
+            return self.featurizer.top_k(self, loader, k, method)
         journal = self._journal(resume, "top_k", k, resume_interval)
-        return self.featurizer.top_k(self, self._loader(queries), k, method, journal)
+        return self.featurizer.top_k(self, loader, k, method, journal)
 
     def self_influence(self) -> Tensor:
         """``Σ_c w_c ∇l(z, θ_c)ᵀ P_c ∇l(z, θ_c)`` for every training example, ``[n_train]``.

@@ -35,7 +35,7 @@ import copy
 import math
 import warnings
 from collections.abc import Iterator
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -51,7 +51,7 @@ from traintrace.features.params import module_by_name
 from traintrace.methods.base import Data
 from traintrace.methods.gradient import GradientEstimator
 from traintrace.methods.preconditioners import Identity
-from traintrace.methods.streaming import ExactStream
+from traintrace.methods.streaming import ExactStream, ScoreJournal
 from traintrace.retrieval.topk import TopK
 from traintrace.task import Classification, Task
 
@@ -441,18 +441,17 @@ class RepresenterPoints(GradientEstimator):
                 ".decompose(queries), the representer decomposition of every output."
             )
 
-    def _score_blocks(self, queries: Data) -> Iterator[Tensor]:
+    def _score_blocks(self, queries: Data, journal: ScoreJournal | None = None) -> Iterator[Tensor]:
         self._check_classification()
-        yield from super()._score_blocks(queries)
+        yield from super()._score_blocks(queries, journal)
 
-    def top_k(
-        self, queries: Data, k: int = 10, *, method: Literal["exact", "auto", "faiss"] = "exact"
-    ) -> TopK:
+    def top_k(self, queries: Data, k: int = 10, **options: Any) -> TopK:
         """The ``k`` strongest proponents and opponents of each query, ``[n_query, k]`` each
-        (exact, streamed against the kept last-layer captures)."""
+        (exact, streamed against the kept last-layer captures; ``options`` as in
+        :meth:`GradientEstimator.top_k`)."""
         self._check_fitted()
         self._check_classification()
-        return super().top_k(queries, k, method=method)
+        return super().top_k(queries, k, **options)
 
     def _head(self) -> Tensor:
         if self.bias_ is None:
