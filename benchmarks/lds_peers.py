@@ -497,9 +497,9 @@ def _peer_grid(quick: bool, small: bool) -> list[tuple[str, str, str]]:
     ]
 
 
-def _cached_scores(path: Path, make, recompute: bool) -> tuple[np.ndarray | None, float, str]:
+def _cached_scores(path: Path, make) -> tuple[np.ndarray | None, float, str]:
     npy, meta_file = Path(f"{path}.npy"), Path(f"{path}.json")
-    if meta_file.exists() and not recompute:
+    if meta_file.exists():
         meta = json.loads(meta_file.read_text())
         scores = np.load(npy) if npy.exists() else None
         return scores, meta["seconds"], meta.get("note", "")
@@ -599,9 +599,8 @@ def run_workload(name: str, args: argparse.Namespace) -> list[dict]:
     version = _source_hash()
     results = []
     for family, setting, make in _grid(ctx, args.quick):
-        path = cache / "scores" / _key(family, setting)
-        path = path.with_name(path.name + f"--{version}")
-        scores, seconds, note = _cached_scores(path, make, recompute=False)
+        path = cache / "scores" / f"{_key(family, setting)}--{version}"
+        scores, seconds, note = _cached_scores(path, make)
         results.append(
             dict(
                 lib="traintrace",
