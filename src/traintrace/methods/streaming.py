@@ -431,13 +431,12 @@ class ExactStream:
                 tn = None
                 if known is not None:
                     tn = known[:, offset : offset + cap.size]  # [U, B]
-                elif record or normalize:
+                elif record:  # (normalized variants always record: fit sets their slots)
                     tn = engine.sq_norms(cap, per_unit=True)
                     _check_finite(tn.sum(0), offset, names[c], "a squared gradient norm")
-                    if record:
-                        if fresh is None:
-                            fresh = tn.new_zeros(tn.shape[0], n)
-                        fresh[:, offset : offset + cap.size] = tn
+                    if fresh is None:
+                        fresh = tn.new_zeros(tn.shape[0], n)
+                    fresh[:, offset : offset + cap.size] = tn
                 if normalize:
                     assert tn is not None
                     tn = tn.sqrt() if layerwise else tn.sum(0).sqrt()
