@@ -29,6 +29,21 @@ def _finite_numpy(values: Tensor | np.ndarray, name: str, ndim: int) -> np.ndarr
     return arr
 
 
+def _write_npy(
+    arr: np.ndarray, folder: str | os.PathLike[str], name: str, csv: bool
+) -> tuple[Any, Path, dict[str, Path]]:
+    """Write ``folder/name.npy`` (no pickle); ``(pandas or None, folder, {"npy": path})``.
+
+    pandas is imported first, so a missing optional dependency fails before anything is written.
+    """
+    pd = import_pandas() if csv else None
+    folder = check_output_dir(folder, "folder")
+    folder.mkdir(parents=True, exist_ok=True)
+    out = {"npy": folder / f"{name}.npy"}
+    np.save(out["npy"], arr, allow_pickle=False)
+    return pd, folder, out
+
+
 def save_scores(
     scores: Tensor | np.ndarray,
     folder: str | os.PathLike[str],
@@ -44,11 +59,7 @@ def save_scores(
     Non-finite values are refused. Cost: one write of ``n_query × n_train`` numbers per format.
     """
     arr = _finite_numpy(scores, "scores", 2)
-    pd = import_pandas() if csv else None
-    folder = check_output_dir(folder, "folder")
-    folder.mkdir(parents=True, exist_ok=True)
-    out = {"npy": folder / f"{name}.npy"}
-    np.save(out["npy"], arr, allow_pickle=False)
+    pd, folder, out = _write_npy(arr, folder, name, csv)
     if pd is not None:
         frame = pd.DataFrame(arr, columns=[str(i) for i in range(arr.shape[1])])
         frame.insert(0, "query", np.arange(arr.shape[0]))
@@ -80,11 +91,7 @@ def save_self_influence(
             raise ConfigurationError(
                 f"labels has shape {lab.shape}; need one label per training example {arr.shape}"
             )
-    pd = import_pandas() if csv else None
-    folder = check_output_dir(folder, "folder")
-    folder.mkdir(parents=True, exist_ok=True)
-    out = {"npy": folder / f"{name}.npy"}
-    np.save(out["npy"], arr, allow_pickle=False)
+    pd, folder, out = _write_npy(arr, folder, name, csv)
     if pd is not None:
         order = np.argsort(-arr, kind="stable")
         frame = pd.DataFrame(
