@@ -204,3 +204,29 @@ def test_hf_conv1d_and_gpt2_sequences():
         rtol=0,
     )
     torch.testing.assert_close(engine.sq_norms(cap), ref.square().sum(1))
+
+
+def test_flush_zeroes_only_negligible_entries_per_direction():
+    from traintrace.features.engine import Directions
+
+    g = torch.Generator().manual_seed(0)
+    dense = torch.randn(3, 4, 5, generator=g)
+    dense[0, 0, 0] = 1e-30  # negligible beside row 0's O(1) entries
+    dense[1] *= 1e-20  # a small direction keeps its relative structure
+    dense[1, 2, 3] = 1e-20 * 1e-9  # 1e-9 of its row: kept (above eps² = 1.4e-14)
+    dense[2, 1, 1] = 0.0
+    dense_t = torch.randn(2, 5, 4, generator=g).transpose(1, 2)  # non-contiguous
+    dense_t[1, 3, 2] = 1e-40
+    flat = torch.randn(3, 7, generator=g)
+    flat[2, 6] = 1e-25
+    before = {k: v.clone() for k, v in {"a": dense, "b": dense_t, "f": flat}.items()}
+    dirs = Directions(3, dense={"a": dense, "b": dense_t}, flat=flat)
+    assert dirs.flush_() is dirs
+    assert dirs.dense["a"][0, 0, 0] == 0 and dirs.dense["b"][1, 3, 2] == 0
+    assert dirs.flat is not None and dirs.flat[2, 6] == 0
+    assert dirs.dense["a"][1, 2, 3] == before["a"][1, 2, 3]
+    keep = torch.ones_like(before["a"], dtype=torch.bool)
+    keep[0, 0, 0] = False
+    assert torch.equal(dirs.dense["a"][keep], before["a"][keep])
+    assert int((dirs.dense["b"] != before["b"]).sum()) == 1
+    assert int((dirs.flat != before["f"]).sum()) == 1

@@ -415,6 +415,8 @@ class ExactStream:
                 norms = [engine.sq_norms(cap, per_unit=layerwise).sqrt() for cap in caps]
                 qn = torch.cat(norms, dim=-1).unsqueeze(-1)
             del caps
+            for d in dirs:
+                d.flush_()  # subnormal products would slow the contractions (not the sums)
             bar = _bar(n, f"scoring {m} queries ({names[c]})", progress)
             skip = max(0, start - c * n)
             bar.update(skip)
