@@ -286,3 +286,62 @@ def test_matrix_operator() -> None:
     torch.testing.assert_close(op.dense(), m + 0.5 * torch.eye(6, dtype=DT))
     with pytest.raises(ConfigurationError, match="symmetric"):
         MatrixOperator(a)
+
+
+# ----------------------------------------------------------------------------------------------
+# an Embedding with padding_idx: its padding row is a constant of the lookup in both AD modes
+# ----------------------------------------------------------------------------------------------
+class PaddedTied(nn.Module):
+    """Embedding (padding_idx=0) → tanh → mean over tokens → head tied to the embedding."""
+
+    def __init__(self, vocab: int = 6, d: int = 3) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d, padding_idx=0)
+        self.lin = nn.Linear(d, d)
+        self.head = nn.Linear(d, vocab, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.lin(self.emb(tokens))).mean(1))
+
+
+def _padded_logits(theta: torch.Tensor, tokens: torch.Tensor, d: int = 3) -> torch.Tensor:
+    """PaddedTied written by hand on the flat parameters [emb (V·d), lin.weight, lin.bias]: the
+    lookup reads the padding row as a constant (PyTorch's backward gives it no gradient from the
+    lookup); the tied head uses every row."""
+    vocab = 6
+    w = theta[: vocab * d].view(vocab, d)
+    lw = theta[vocab * d : vocab * d + d * d].view(d, d)
+    lb = theta[vocab * d + d * d :]
+    rows = torch.where((tokens == 0).unsqueeze(-1), w.detach()[tokens], w[tokens])
+    return torch.tanh(rows @ lw.T + lb).mean(1) @ w.T
+
+
+@pytest.mark.parametrize("kind", ["hessian-reverse", "hessian-forward", "ggn"])
+def test_padding_row_is_a_constant_of_the_lookup_in_every_product(kind: str) -> None:
+    torch.manual_seed(3)
+    model = PaddedTied().to(DT)
+    g = torch.Generator().manual_seed(4)
+    tokens = torch.randint(0, 6, (10, 5), generator=g)
+    tokens[:, 0] = 0  # every sequence has padding
+    y = torch.randint(0, 6, (10,), generator=g)
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    if kind == "ggn":
+        out = _padded_logits(theta, tokens).detach()
+        jac = torch.autograd.functional.jacobian(
+            lambda t: _padded_logits(t, tokens).reshape(-1), theta
+        )
+        h_out = torch.autograd.functional.hessian(
+            lambda o: F.cross_entropy(o.reshape(out.shape), y, reduction="sum"), out.reshape(-1)
+        )
+        expected = jac.T @ h_out @ jac / 10
+    else:
+        expected = torch.autograd.functional.hessian(
+            lambda t: F.cross_entropy(_padded_logits(t, tokens), y), theta
+        )
+    op = build(kind, model, loader(tokens, y, batch_size=4))
+    dense = op.dense()
+    torch.testing.assert_close(dense, expected, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(dense, dense.T, atol=ATOL, rtol=RTOL)
+    if kind == "ggn":
+        assert float(torch.linalg.eigvalsh(dense).min()) > -1e-12

@@ -54,6 +54,33 @@ def test_vmap_failure_falls_back_to_an_exact_loop_with_a_warning():
     torch.testing.assert_close(g, expected)
 
 
+class GRUClassifier(nn.Module):
+    """A GRU: vmap fails inside the model call (its in-place hidden state), which the task
+    reports as a BatchFormatError; the loop must still take over."""
+
+    def __init__(self):
+        super().__init__()
+        self.gru = nn.GRU(3, 4, batch_first=True)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(self.gru(x)[0][:, -1])
+
+
+def test_vmap_failure_inside_the_model_call_falls_back_instead_of_blaming_the_batch():
+    torch.manual_seed(2)
+    model = GRUClassifier().double()
+    x, y = torch.randn(5, 4, 3, dtype=torch.float64), torch.randint(0, 2, (5,))
+    gc = GradientComputer(model, tt.Classification())
+    with pytest.warns(RuntimeWarning, match="falling back"):
+        g = gc.per_example(model.state_dict(), (x, y))
+    expected = loop_gradients(model, model.state_dict(), list(zip(x, y, strict=True)), ce)
+    torch.testing.assert_close(g, expected)
+    # a batch that is really malformed still gets the named error from the loop
+    with pytest.raises(tt.BatchFormatError):
+        gc.per_example(model.state_dict(), (torch.randn(5, 4, 7, dtype=torch.float64), y))
+
+
 def test_parameter_selection_and_layout_round_trip():
     model = MLP()
     assert last_layer_name(model) == "fc2"

@@ -17,7 +17,12 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from traintrace.data import batch_size_of, in_dims_of, map_tensors
-from traintrace.exceptions import ConfigurationError, NonFiniteGradientError, TraintraceError
+from traintrace.exceptions import (
+    BatchFormatError,
+    ConfigurationError,
+    NonFiniteGradientError,
+    TraintraceError,
+)
 from traintrace.features.params import Layers, ParameterLayout, select_parameters, tied_aliases
 from traintrace.task import Task
 
@@ -36,6 +41,36 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for m, flag in flags:
             m.training = flag
+
+
+@contextlib.contextmanager
+def padding_rows_constant(model: nn.Module) -> Iterator[nn.Module]:
+    """Make every ``nn.Embedding`` with a ``padding_idx`` treat its padding row as a constant,
+    in forward mode as in reverse mode, for the duration.
+
+    PyTorch's backward gives the padding row no gradient from the lookup (the row is frozen),
+    but forward-mode AD (``jvp``) differentiates the lookup through it, so a curvature product
+    ``Jᵀ H J v`` or ``jvp(grad)`` mixed the two conventions: the Gauss-Newton matrix came out
+    asymmetric and indefinite (13% off on a small sequence model). Each such layer's outputs at
+    padding positions are detached instead, which leaves every gradient as PyTorch computes it
+    and gives the derivatives of the same function in both modes.
+    """
+
+    def hook(module: nn.Module, args: tuple[Any, ...], out: Tensor) -> Tensor:
+        (tokens,) = args[:1]
+        pad = (tokens == module.padding_idx).unsqueeze(-1)
+        return torch.where(pad, out.detach(), out)
+
+    handles = [
+        m.register_forward_hook(hook)
+        for m in model.modules()
+        if isinstance(m, nn.Embedding) and m.padding_idx is not None
+    ]
+    try:
+        yield model
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def _under_vmap(t: Tensor) -> bool:
@@ -169,7 +204,7 @@ class GradientComputer:
 
         def fn(params: Mapping[str, Tensor]) -> Tensor:
             prefixed = {"model." + k: v for k, v in params.items()}
-            with eval_mode(self.model):
+            with eval_mode(self.model), padding_rows_constant(self.model):
                 return functional_call(self._wrapper, (prefixed, fixed), (batch,), kwargs)
 
         return fn
@@ -188,7 +223,7 @@ class GradientComputer:
         }
 
         def fn(params: Mapping[str, Tensor]) -> Tensor:
-            with eval_mode(self.model):
+            with eval_mode(self.model), padding_rows_constant(self.model):
                 return functional_call(
                     TaskForward(self.model, self.task),
                     (
@@ -259,8 +294,23 @@ class GradientComputer:
             elif self._use_vmap:
                 try:
                     grads = vmap(grad(one), in_dims=(None, dims))(selected, batch)
-                except TraintraceError:
-                    raise
+                except TraintraceError as exc:
+                    # the task reports a model call that failed as a batch it cannot read; under
+                    # vmap the failure may be vmap's own (an RNN's in-place hidden state): the
+                    # loop below calls the model plainly and raises again if the batch is bad
+                    if not (
+                        isinstance(exc, BatchFormatError)
+                        and isinstance(exc.__cause__, RuntimeError)
+                    ):
+                        raise
+                    warnings.warn(
+                        f"torch.func.vmap could not batch this model ({exc.__cause__}); falling "
+                        "back to one gradient per example (exact, slower)"
+                        + _hf_attention_hint(self.model),
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
+                    self._use_vmap = False
                 except RuntimeError as exc:
                     warnings.warn(
                         f"torch.func.vmap could not batch this model ({str(exc).splitlines()[0]}); "
