@@ -59,6 +59,9 @@ Kind = Literal["loss", "measurement"]
 _FORM_ELEMENTS = 2**24
 #: Elements of a factored Gram block (``B × m × T × T_q``) held at once.
 _GRAM_ELEMENTS = 2**24
+#: cap on the [m', rows, B] products of a one-position dense contraction (cache-sized blocks
+#: of directions: one [m·rows, B] product of a 1024-wide layer was 100 MB, twice per batch)
+_DOT_ELEMENTS = 2**22
 
 
 @dataclass
@@ -472,12 +475,14 @@ class ExactGradients:
                         cols = d[:, :, cs.clamp(min=0)]  # [m, rows, b', T]
                         w = rs * _valid(cs, rs.dtype)[:, None, :]
                         out[:, s : s + step] += torch.einsum("mrbt,brt->mb", cols, w)
-                else:  # one position: (D c) · r, D's rows leading (the faster GEMM order)
-                    step = max(1, _FORM_ELEMENTS // max(1, m * g.rows))
+                else:  # one position: (D c) · r, D's rows leading (the faster GEMM order),
+                    # a few directions at a time: the [m', rows, B] product stays small
                     flat_d = d.reshape(m * g.rows, g.cols)
-                    for s in range(0, b, step):
-                        dc = (flat_d @ c[s : s + step, :, 0].T).view(m, g.rows, -1)
-                        out[:, s : s + step] += (dc * r[s : s + step, :, 0].T).sum(1)
+                    cols_t, rows_t = c[:, :, 0].T, r[:, :, 0].T  # [cols, B], [rows, B]
+                    step = max(1, _DOT_ELEMENTS // max(1, g.rows * b))
+                    for j in range(0, m, step):
+                        dc = (flat_d[j * g.rows : (j + step) * g.rows] @ cols_t).view(-1, g.rows, b)
+                        out[j : j + step] += (dc * rows_t).sum(1)
             return out
         step = max(1, _FORM_ELEMENTS // max(1, g.rows * g.cols))
         flat_d = d.reshape(m, -1)
