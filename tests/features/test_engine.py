@@ -102,6 +102,29 @@ def _cases():
             nn.Conv1d(3, 4, 3, **kw), nn.Tanh(), nn.Flatten(), nn.Linear(4 * length, 3)
         ).double()
         yield name, conv1d, tt.Classification(), (seq, torch.randint(0, 3, (6,), generator=g))
+    # more than MAX_GROUPS groups (depthwise, a channel multiplier): the hooks form the
+    # per-example gradients by one convolution backward over batch × groups
+    depthwise = nn.Sequential(
+        nn.Conv2d(2, 10, 3, padding=1),
+        nn.Tanh(),
+        nn.Conv2d(
+            10,
+            20,
+            (3, 2),
+            stride=(2, 1),
+            dilation=(1, 2),
+            padding=1,
+            groups=10,
+            padding_mode="reflect",
+        ),
+        nn.Tanh(),
+        nn.Flatten(2),
+        nn.Conv1d(20, 20, 3, padding="same", groups=20, bias=False),
+        nn.Flatten(),
+        nn.LazyLinear(3),
+    ).double()
+    depthwise(img)
+    yield "depthwise", depthwise, tt.Classification(), (img, yi)
     tok = torch.randint(0, 11, (6, 5), generator=g)
     tok[:, -1] = 0  # padding
     yield "sequence", SeqModel(), tt.Classification(), (tok, torch.randint(0, 3, (6,), generator=g))
@@ -161,7 +184,7 @@ def test_coverage_names_paths():
     assert cov["4.weight"] == "hooks:Linear"
     depthwise = nn.Sequential(nn.Conv2d(16, 16, 3, groups=16), nn.Flatten(), nn.Linear(16, 2))
     cov = ExactGradients(depthwise, tt.Classification()).coverage
-    assert cov["0.weight"] == "vmap"  # more than MAX_GROUPS groups: the exact fallback
+    assert cov["0.weight"] == "hooks:grouped-conv"  # > MAX_GROUPS groups: formed by the hooks
 
 
 def test_hf_conv1d_and_gpt2_sequences():

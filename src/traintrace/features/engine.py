@@ -269,7 +269,12 @@ class ExactGradients:
                 out[n] = f"hooks:{g.type}" if g.hooked else f"vmap ({g.reason})"
         for n in self._dense_names:
             why = self._pg._dense_reasons.get(n, "")
-            out[n] = "hooks:norm" if why.startswith("per-example gradient from hooks") else "vmap"
+            if why.startswith("per-example gradient from hooks on GroupedConv"):
+                out[n] = "hooks:grouped-conv"
+            elif why.startswith("per-example gradient from hooks"):
+                out[n] = "hooks:norm"
+            else:
+                out[n] = "vmap"
         return {n: out[n] for n in self.names}
 
     @property

@@ -259,8 +259,13 @@ class HookedPass:
         return y.reshape(lead, k, -1)
 
     def _norm_inputs(self, norm: _Norm, module: nn.Module, x: Tensor) -> tuple[Tensor, ...]:
-        """What the backward needs: ``x̂`` (Layer/RMSNorm), or ``x``, mean, 1/std (BatchNorm)."""
+        """What the backward needs: ``x̂`` (Layer/RMSNorm), ``x``, mean, 1/std (BatchNorm), or
+        the padded input (a many-group convolution)."""
         x = x.detach()
+        if norm.type == "GroupedConv":
+            pad = module._reversed_padding_repeated_twice
+            mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+            return (F.pad(x.to(self.dtype), pad, mode=mode) if any(pad) else x.to(self.dtype),)
         if norm.type == "BatchNorm":
             inv_std = torch.rsqrt(module.running_var + module.eps).to(self.dtype)
             mean = module.running_mean.to(self.dtype)
@@ -331,6 +336,19 @@ class HookedPass:
                 self.abs, group.key, torch.bmm(rows.abs(), cols.abs().transpose(1, 2)).detach()
             )
 
+    def _grouped_conv_grads(
+        self, norm: _Norm, grad: Tensor, x_padded: Tensor
+    ) -> dict[str | None, Tensor]:
+        """A many-group convolution's per-example weight and bias gradients, flat per example."""
+        b = self.size
+        g = grad.reshape(b, grad.shape[1], *grad.shape[2:]).to(self.dtype)
+        parts: dict[str | None, Tensor] = {}
+        if norm.weight is not None:
+            parts[norm.weight] = grouped_conv_weight_grads(norm.module, g, x_padded).reshape(b, -1)
+        if norm.bias is not None:
+            parts[norm.bias] = g.reshape(b, g.shape[1], -1).sum(2)
+        return parts
+
     @staticmethod
     def _add(acc: dict[str, Tensor], key: str, value: Tensor) -> None:
         prev = acc.get(key)
@@ -338,7 +356,9 @@ class HookedPass:
 
     def _accumulate_norm(self, norm: _Norm, grad: Tensor, inputs: tuple[Tensor, ...]) -> None:
         b = self.size
-        if norm.type == "BatchNorm":
+        if norm.type == "GroupedConv":
+            parts = self._grouped_conv_grads(norm, grad, inputs[0])
+        elif norm.type == "BatchNorm":
             x, mean, inv_std = inputs
             g = grad.reshape(b, grad.shape[1], -1)
             g_sum = g.sum(2)
@@ -354,6 +374,35 @@ class HookedPass:
                 self._add(self.norm_grads, name, value)
                 if self.track_abs:
                     self._add(self.norm_abs, name, value.abs())
+
+
+def grouped_conv_weight_grads(conv: nn.Module, grad: Tensor, x_padded: Tensor) -> Tensor:
+    """Per-example weight gradients ``[B, *conv.weight.shape]`` of a Conv1d/Conv2d from its padded
+    input ``[B, C_in, *L_in]`` and output gradients ``[B, C_out, *L_out]``: one convolution
+    backward with the batch folded into the groups (``B·groups`` groups, the weight repeated
+    ``B`` times), so no patches are formed. Cost: the layer's own weight-gradient
+    multiply-adds."""
+    b = grad.shape[0]
+    w = conv.weight
+    out_ch = w.shape[0]
+    # the weight's values are not read for a weight gradient: a zero-stride stand-in of its shape
+    weight = torch.empty_strided(
+        (b * out_ch, *w.shape[1:]), (0,) * w.ndim, dtype=grad.dtype, device=grad.device
+    )
+    gw = torch.ops.aten.convolution_backward(
+        grad.reshape(1, b * out_ch, *grad.shape[2:]),
+        x_padded.reshape(1, b * x_padded.shape[1], *x_padded.shape[2:]),
+        weight,
+        None,
+        conv.stride,
+        [0] * (w.ndim - 2),
+        conv.dilation,
+        False,
+        [0] * (w.ndim - 2),
+        b * conv.groups,
+        (False, True, False),
+    )[1]
+    return gw.reshape(b, *w.shape)
 
 
 def unfold_patches(

@@ -14,9 +14,10 @@ the layer's *canonical matrix*:
   every module's contribution is added in that orientation (``_Role.out_rows``).
 
 Normalization layers (LayerNorm, RMSNorm, BatchNorm in eval mode) have exact per-example affine
-gradients from the same hooks (``Σ_t b_t ⊙ x̂_t``); everything else (raw ``nn.Parameter``\\ s,
-convolutions with more than ``MAX_GROUPS`` groups, Embedding with ``max_norm``) falls back to ``vmap`` gradients, and
-:func:`layer_type` says why. :class:`~traintrace.features.projections.ProjectedGradients` (random
+gradients from the same hooks (``Σ_t b_t ⊙ x̂_t``), and so do convolutions with more than
+``MAX_GROUPS`` groups (depthwise: one convolution backward with the batch folded into the groups,
+no patches); everything else (raw ``nn.Parameter``\\ s, Embedding with ``max_norm``) falls back
+to ``vmap`` gradients, and :func:`layer_type` says why. :class:`~traintrace.features.projections.ProjectedGradients` (random
 projections) and :mod:`~traintrace.features.engine` (exact contraction scores) share these rules.
 """
 
@@ -57,7 +58,8 @@ def layer_type(module: nn.Module) -> tuple[str | None, str]:
         if module.groups > MAX_GROUPS:
             return None, (
                 f"{kind} with groups={module.groups} > {MAX_GROUPS} (one capture term per group "
-                "would cost groups × the layer's gradient)"
+                "would cost groups × the layer's gradient; its per-example gradients come from "
+                "the hooks directly, see norm_type)"
             )
         return kind, ""
     if isinstance(module, nn.Embedding):
@@ -72,7 +74,12 @@ def layer_type(module: nn.Module) -> tuple[str | None, str]:
 
 
 def norm_type(module: nn.Module) -> str | None:
-    """Normalization layers whose affine per-example gradients the hooks compute exactly."""
+    """Modules whose per-example gradients the hooks compute directly, exactly, into the dense
+    part: normalization layers' affine parameters, and convolutions with more than
+    ``MAX_GROUPS`` groups (depthwise), whose weight gradients come from one convolution backward
+    with the batch folded into the groups (``"GroupedConv"``)."""
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.groups > MAX_GROUPS:
+        return "GroupedConv"
     if isinstance(module, nn.LayerNorm) and module.elementwise_affine:
         return "LayerNorm"
     if isinstance(module, nn.RMSNorm) and module.elementwise_affine:
@@ -99,7 +106,8 @@ TRANSPOSED = {
 #: the layer types whose inputs are unfolded into patches (one position per output location)
 CONVOLUTIONS = ("Conv1d", "Conv2d")
 #: grouped convolutions up to this many groups are hooked: group ``j``'s gradient is the output
-#: gradients of its channels times its own input patches, one capture term per group
+#: gradients of its channels times its own input patches, one capture term per group; beyond it
+#: (depthwise) the hooks form the per-example gradients directly (:func:`norm_type`)
 MAX_GROUPS = 8
 
 
@@ -147,7 +155,8 @@ class _Group:
 
 @dataclass
 class _Norm:
-    """A normalization module whose selected affine parameters are hooked (dense group)."""
+    """A module whose selected parameters' per-example gradients the hooks compute directly
+    (dense group): a normalization layer's affine parameters, or a many-group convolution."""
 
     module_name: str
     module: nn.Module
