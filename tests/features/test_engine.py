@@ -173,6 +173,24 @@ def test_engine_matches_brute_force(name, model, task, batch):
     torch.testing.assert_close(flat, ref, atol=1e-12 * float(ref.abs().max()), rtol=0)
     layer_dots = engine.dot(caps[0], dirs, per_unit=True)
     torch.testing.assert_close(layer_dots.sum(0), engine.dot(caps[0], dirs))
+    # convolutions captured formed (one batch-grouped convolution backward, no patches) where a
+    # contraction with dense directions forms them anyway: the same gradients and scores
+    form = engine.forming([engine.directions_from_flat(dense)])
+    convs = [g for g in engine._groups if g.type in ("Conv1d", "Conv2d")]
+    assert form == {g.key for g in convs}
+    ungrouped = {g.key for g in convs if all(r.module.groups == 1 for r in g.roles)}
+    formed_caps = [engine.capture(state, part, form=form) for part in train]
+    assert all(ungrouped <= set(c.formed) and not (ungrouped & set(c.terms)) for c in formed_caps)
+    flat = torch.cat([engine.flatten(c) for c in formed_caps])
+    torch.testing.assert_close(flat, ref, atol=1e-12 * float(ref.abs().max()), rtol=0)
+    got = torch.cat([engine.dot(c, engine.directions_from_flat(dense)) for c in formed_caps], 1)
+    torch.testing.assert_close(
+        got, dense @ ref.T, atol=1e-10 * float(ref.abs().max() * 10 * ref.shape[1]), rtol=0
+    )
+    sq = torch.cat([engine.sq_norms(c) for c in formed_caps])
+    torch.testing.assert_close(
+        sq, ref.square().sum(1), atol=1e-10 * float(ref.square().sum(1).max()), rtol=0
+    )
 
 
 def test_coverage_names_paths():

@@ -128,7 +128,13 @@ from traintrace.features.engine import (
     rotate_terms,
 )
 from traintrace.features.hooks import Capture
-from traintrace.features.layers import _Group, canonical_matrix, from_canonical, layer_type
+from traintrace.features.layers import (
+    CONVOLUTIONS,
+    _Group,
+    canonical_matrix,
+    from_canonical,
+    layer_type,
+)
 from traintrace.features.params import Layers, ParameterLayout
 from traintrace.features.projections import ProjectedGradients
 from traintrace.task import Task
@@ -834,6 +840,7 @@ class _Fitter:
 
     # -- the passes ------------------------------------------------------------------------
     def run(self) -> KroneckerInverse:
+        self._form: frozenset[str] = frozenset()
         for attempt in range(2):
             self.stats: dict[str, _Stats] = {}
             self.diag_sum: dict[str, Tensor] = {}
@@ -849,12 +856,30 @@ class _Fitter:
         if self.num_examples == 0:
             raise ConfigurationError(f"{self.method}: the batches held no examples")
         self._eigen()
+        if self.cfg.refit_eigenvalues:
+            self._form = self._forming()
         if self.cfg.refit_eigenvalues and not self._pass(refit=True):
             raise ConfigurationError(
                 f"{self.method}: the layers the hooks serve changed between the two passes; "
                 "the batches must be the same on every iteration"
             )
         return self._result()
+
+    def _forming(self) -> frozenset[str]:
+        """The convolution groups whose refit forms each example's gradient first (the cheaper
+        order, see :meth:`_accumulate_lambda`): the capture hands them over formed, without
+        unfolding their inputs into patches."""
+        keys = set()
+        for key, st in self.stats.items():
+            g = st.group
+            if g.type not in CONVOLUTIONS or not self.num_examples:
+                continue
+            t = st.positions / self.num_examples
+            if t * g.rows * g.cols + g.rows * g.cols * (g.rows + g.cols) <= t * (
+                g.rows * g.rows + g.cols * g.cols + g.rows * g.cols
+            ):
+                keys.add(key)
+        return frozenset(keys)
 
     def _pass(self, refit: bool) -> bool:
         """One pass; False when the set of hooked layers changed after the first batch."""
@@ -876,6 +901,7 @@ class _Fitter:
                     offset=offset,
                     where=where,
                     generator=gen if kind == "sampled" else None,
+                    form=self._form if refit else frozenset(),
                 )
                 now = frozenset(g.key for g in self._hooked())
                 if hooked is None:
@@ -891,6 +917,9 @@ class _Fitter:
                     for key, terms in cap.terms.items():
                         if key in self.stats:
                             self._accumulate_lambda(self.stats[key], terms)
+                    for key, formed in cap.formed.items():
+                        if key in self.stats:  # formed by the hooks (self._form)
+                            self._lambda_of_formed(self.stats[key], formed)
                 else:
                     for key, terms in cap.terms.items():
                         if key in self.stats:
@@ -1073,8 +1102,18 @@ class _Fitter:
                 st.lam_sum += (m**2).sum(dim=0).to(st.lam_sum.dtype)
             return
         for start in range(0, b, chunk):
-            m = _form(_slice_terms(terms, start, start + chunk, work), rows, cols)
-            m = _left(q_s.T, m)
+            self._lambda_of_formed(
+                st, _form(_slice_terms(terms, start, start + chunk, work), rows, cols)
+            )
+
+    def _lambda_of_formed(self, st: _Stats, formed: Tensor) -> None:
+        """Λ_sum += Σ_i (Q_Sᵀ G_i Q_A)² for formed per-example gradients ``[B, rows, cols]``."""
+        assert st.lam_sum is not None
+        work = torch.promote_types(formed.dtype, torch.float32)
+        q_s, q_a = st.bases(work)
+        chunk = max(1, _CHUNK_ELEMENTS // (st.group.rows * st.group.cols))
+        for start in range(0, formed.shape[0], chunk):
+            m = _left(q_s.T, formed[start : start + chunk].to(work))
             if q_a is not None:
                 m = _right(m, q_a)
             st.lam_sum += (m**2).sum(dim=0).to(st.lam_sum.dtype)

@@ -45,7 +45,7 @@ from torch import Tensor, nn
 
 from traintrace.exceptions import ConfigurationError, NonFiniteGradientError
 from traintrace.features.hooks import Capture
-from traintrace.features.layers import _Group, canonical_matrix, from_canonical
+from traintrace.features.layers import CONVOLUTIONS, _Group, canonical_matrix, from_canonical
 from traintrace.features.params import Layers
 from traintrace.features.projections import ProjectedGradients
 from traintrace.task import Task
@@ -300,9 +300,15 @@ class ExactGradients:
         *,
         offset: int = 0,
         where: str = "",
+        form: frozenset[str] = frozenset(),
     ) -> Capture:
-        """One forward + backward: the per-layer factors of the batch's per-example gradients."""
-        cap = self._pg.capture(state, batch, kind, offset=offset, where=where)
+        """One forward + backward: the per-layer factors of the batch's per-example gradients.
+
+        ``form``: group keys to return formed (``Capture.formed``) rather than as factors, where
+        the hooks can (single ungrouped convolutions: one convolution backward, no patches);
+        :meth:`forming` gives the keys a contraction with given directions would form anyway.
+        """
+        cap = self._pg.capture(state, batch, kind, offset=offset, where=where, form=form)
         if not bool(torch.isfinite(cap.values).all()):
             bad = (~torch.isfinite(cap.values)).nonzero().flatten()[:10]
             raise NonFiniteGradientError(
@@ -362,6 +368,36 @@ class ExactGradients:
                 return None
             dirs.dense[g.key] = _form(terms, g.rows, g.cols)
         return dirs.dense[g.key]
+
+    def forming(self, dirs: list[Directions]) -> frozenset[str]:
+        """Keys of the convolution groups whose training gradients :meth:`dot` with every one of
+        ``dirs`` would form per example (dense directions in the layer's own basis, or factored
+        ones where forming is cheaper): capturing them formed skips their patches."""
+        keys = set()
+        for g in self._groups:
+            if g.type not in CONVOLUTIONS:
+                continue
+            if all(self._forms(d, g) for d in dirs) and dirs:
+                keys.add(g.key)
+        return frozenset(keys)
+
+    @staticmethod
+    def _forms(dirs: Directions, g: _Group) -> bool:
+        """Whether :meth:`_dot_group` forms the training gradients of ``g`` against ``dirs``
+        (the same cost model, per example)."""
+        if g.key in dirs.bases:
+            return False  # the training sides are rotated instead
+        if g.key in dirs.dense:
+            return True  # many positions: the dense path forms
+        q_terms = dirs.factored.get(g.key)
+        if not q_terms:
+            return False  # a zero direction: nothing is computed
+        # the training terms are not captured yet: the queries' own positions stand in for them
+        # (the same layer on inputs of the same size)
+        t_q = sum(_positions(rq) for rq, _ in q_terms)
+        factored = dirs.m * t_q * t_q * (g.rows + g.cols)
+        formed = t_q * g.rows * g.cols + dirs.m * g.rows * g.cols
+        return factored > formed
 
     # -- contractions ---------------------------------------------------------------------------
     def dot(self, cap: Capture, dirs: Directions, *, per_unit: bool = False) -> Tensor:

@@ -58,9 +58,15 @@ class HookedPass:
         device: torch.device,
         track_abs: bool,
         capture: bool = False,
+        form: frozenset[str] = frozenset(),
     ) -> None:
         self.pg = owner
         self.capture = capture
+        #: capture mode: group keys of single-role, ungrouped convolutions whose per-example
+        #: gradients are formed here (one batch-grouped convolution backward, no patches) instead
+        #: of kept as terms; the result is in :attr:`formed` (``[B, rows, cols]``)
+        self.form = form if capture else frozenset()
+        self.formed: dict[str, Tensor] = {}
         #: capture mode: per group key, the raw ``(rows side, cols side)`` of every layer call;
         #: a side is ``[B, d, T]`` (dense) or ``[B, T]`` integer tokens (one-hot, −1 = padding)
         self.terms: dict[str, list[tuple[Tensor, Tensor]]] = {}
@@ -200,6 +206,8 @@ class HookedPass:
             return ones.reshape(1, k, 1).expand(lead, k, positions)
         if role.type in CONVOLUTIONS:
             conv: nn.Conv1d | nn.Conv2d = module  # type: ignore[assignment]
+            if group.key in self.form:
+                return padded_input(conv, x, self.dtype)
             if conv.groups == 1:
                 return self._conv_side(conv, role, x, lead, p, k, identity)
             # one input side per group, [lead, groups, k_in, T]: group j's output channels see
@@ -263,9 +271,7 @@ class HookedPass:
         the padded input (a many-group convolution)."""
         x = x.detach()
         if norm.type == "GroupedConv":
-            pad = module._reversed_padding_repeated_twice
-            mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-            return (F.pad(x.to(self.dtype), pad, mode=mode) if any(pad) else x.to(self.dtype),)
+            return (padded_input(module, x, self.dtype),)
         if norm.type == "BatchNorm":
             inv_std = torch.rsqrt(module.running_var + module.eps).to(self.dtype)
             mean = module.running_mean.to(self.dtype)
@@ -299,6 +305,14 @@ class HookedPass:
         return callback
 
     def _accumulate(self, group: _Group, role: _Role, grad: Tensor, proj_in: Tensor) -> None:
+        if group.key in self.form:  # proj_in is the padded input
+            b = self.size
+            g = grad.reshape(b, grad.shape[1], *grad.shape[2:]).to(self.dtype)
+            weight = grouped_conv_weight_grads(role.module, g, proj_in).reshape(b, g.shape[1], -1)
+            if role.bias:
+                weight = torch.cat([weight, g.reshape(b, g.shape[1], -1).sum(2, keepdim=True)], 2)
+            self._add(self.formed, group.key, weight.detach())
+            return
         identity = (group.k_rows == group.rows) if role.out_rows else (group.k_cols == group.cols)
         p_out = None
         if not identity:
@@ -374,6 +388,17 @@ class HookedPass:
                 self._add(self.norm_grads, name, value)
                 if self.track_abs:
                     self._add(self.norm_abs, name, value.abs())
+
+
+def padded_input(conv: nn.Module, x: Tensor, dtype: torch.dtype) -> Tensor:
+    """A Conv1d/Conv2d's input with the layer's own padding applied (any ``padding_mode``, string
+    paddings included), in ``dtype``: what its kernel slides over with padding 0."""
+    pad = conv._reversed_padding_repeated_twice
+    x = x.to(dtype)
+    if not any(pad):
+        return x
+    mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+    return F.pad(x, pad, mode=mode)
 
 
 def grouped_conv_weight_grads(conv: nn.Module, grad: Tensor, x_padded: Tensor) -> Tensor:

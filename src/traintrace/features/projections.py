@@ -118,6 +118,7 @@ from traintrace.exceptions import ConfigurationError, NonFiniteGradientError
 from traintrace.features.gradients import GradientComputer
 from traintrace.features.hooks import Capture, HookedPass
 from traintrace.features.layers import (
+    CONVOLUTIONS,
     TRANSPOSED,
     _Group,
     _Norm,
@@ -795,8 +796,14 @@ class ProjectedGradients:
         offset: int = 0,
         where: str = "",
         generator: torch.Generator | None = None,
+        form: frozenset[str] = frozenset(),
     ) -> Capture:
         """The raw per-layer factors of a batch's per-example gradients (``capture=True`` only).
+
+        ``form``: group keys whose per-example gradients the caller will form anyway (it
+        contracts them with dense directions): those of single, ungrouped convolutions come back
+        in ``Capture.formed``, made by one convolution backward over batch × groups, without
+        unfolding the input into patches (others are ignored).
 
         One hooked forward and one backward to the layer outputs; groups the hooks cannot serve
         and the dense group's parameters get exact ``vmap`` gradients. The hooked paths are
@@ -825,7 +832,7 @@ class ProjectedGradients:
         else:
             self._sampler_state = None
         try:
-            cap = self._capture_batch(state, batch, kind, offset, where)
+            cap = self._capture_batch(state, batch, kind, offset, where, self._formable(form))
         finally:
             state_used, self._sampler_state = self._sampler_state, None
         if state_used is not None and self._last_sampler is not None:
@@ -843,8 +850,28 @@ class ProjectedGradients:
         self._last_sampler = gen
         return gen
 
+    def _formable(self, keys: frozenset[str]) -> frozenset[str]:
+        """The keys of ``keys`` the hooks can form: a hooked group with one role, an ungrouped
+        Conv1d/Conv2d."""
+        return frozenset(
+            g.key
+            for g in self._groups
+            if g.key in keys
+            and g.hooked
+            and len(g.roles) == 1
+            and g.type in CONVOLUTIONS
+            and g.roles[0].out_rows
+            and getattr(g.roles[0].module, "groups", 1) == 1
+        )
+
     def _capture_batch(
-        self, state: Mapping[str, Tensor], batch: Any, kind: Kind, offset: int, where: str
+        self,
+        state: Mapping[str, Tensor],
+        batch: Any,
+        kind: Kind,
+        offset: int,
+        where: str,
+        form: frozenset[str] = frozenset(),
     ) -> Capture:
         batch = to_plain(batch)
         size = batch_size_of(batch)
@@ -856,7 +883,7 @@ class ProjectedGradients:
             run = self._hooked_pass(state, sub, kind, small, dtype, device, True)
             self._verify(state, sub, kind, small, dtype, device, run)
         run = self._hooked_pass(
-            state, batch, kind, size, dtype, device, False, capture=True, offset=offset
+            state, batch, kind, size, dtype, device, False, capture=True, offset=offset, form=form
         )
         exact_names = [n for g in self._groups if not g.hooked for n in g.params]
         exact_names += [n for n in self._dense_names if n not in run.norm_grads]
@@ -874,6 +901,11 @@ class ProjectedGradients:
         formed = {
             g.key: canonical_matrix(g, named, self._shapes) for g in self._groups if not g.hooked
         }
+        formed.update(
+            (k, v)
+            for k, v in run.formed.items()
+            if any(g.key == k and g.hooked for g in self._groups)
+        )
         dense = None
         if self._dense_names:
             dense = torch.cat([named[n].reshape(size, -1) for n in self._dense_names], dim=1)
@@ -929,8 +961,9 @@ class ProjectedGradients:
         track_abs: bool,
         capture: bool = False,
         offset: int = 0,
+        form: frozenset[str] = frozenset(),
     ) -> HookedPass:
-        run = HookedPass(self, size, dtype, device, track_abs, capture)
+        run = HookedPass(self, size, dtype, device, track_abs, capture, form)
         modules = self._hooked_modules()
         if not modules:
             return run
@@ -953,7 +986,7 @@ class ProjectedGradients:
                 # expanding a [1, ...] output over the batch broke the model: stop expanding
                 self._stop_expanding(run, "the model failed when its output was expanded")
                 return self._hooked_pass(
-                    state, batch, kind, size, dtype, device, track_abs, capture, offset
+                    state, batch, kind, size, dtype, device, track_abs, capture, offset, form
                 )
             if values.ndim != 1 or values.shape[0] != size:
                 raise ConfigurationError(

@@ -351,6 +351,7 @@ class ExactStream:
         *,
         skip_before: int = 0,
         digests: list[str] | None = None,
+        form: frozenset[str] = frozenset(),
     ) -> Iterator[tuple[int, Capture]]:
         """``(offset, capture)`` of every training batch at checkpoint ``c``: the kept ones, or
         a fresh capture pass. Batches before ``skip_before`` (a resumed run) are read but not
@@ -377,7 +378,10 @@ class ExactStream:
                     digests.append(digest)
             if offset < skip_before:
                 continue
-            yield offset, self.engine.capture(state, batch, "loss", offset=offset, where=where)
+            yield (
+                offset,
+                self.engine.capture(state, batch, "loss", offset=offset, where=where, form=form),
+            )
 
     # -- the passes --------------------------------------------------------------------------------
     def _block_scores(
@@ -425,7 +429,12 @@ class ExactStream:
             record = train_norms is not None and known is None
             fresh: Tensor | None = None
             train = self._train_captures(
-                est, c, state, skip_before=skip, digests=digests if c == 0 else None
+                est,
+                c,
+                state,
+                skip_before=skip,
+                digests=digests if c == 0 else None,
+                form=engine.forming(dirs),
             )
             for offset, cap in train:
                 parts = [engine.dot(cap, d, per_unit=layerwise) for d in dirs]
