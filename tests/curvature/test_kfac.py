@@ -224,8 +224,14 @@ def test_kronecker_is_exact_for_one_example_of_one_linear_layer(cls):
     torch.testing.assert_close(inv.dense(), explicit, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("formed", [False, True], ids=["terms", "formed"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_ekfac_eigenvalues_are_the_exact_fisher_diagonal_in_the_kronecker_basis(kind):
+def test_ekfac_eigenvalues_are_the_exact_fisher_diagonal_in_the_kronecker_basis(
+    kind, formed, monkeypatch
+):
+    # formed: the refit receives every ungrouped convolution's per-example gradients formed by
+    # the hooks (by default only from 8 input channels on), not its patches
+    monkeypatch.setattr("traintrace.features.projections.FORM_MIN_CHANNELS", 1 if formed else 10**9)
     model, task, full = make(kind)
     inv = EKFAC(sampled_labels=False).prepare(model, task, None, _split(full))
     assert all(v.startswith("kronecker:") for v in inv.coverage.values())

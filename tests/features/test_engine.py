@@ -136,7 +136,9 @@ CASES = list(_cases())
 
 
 @pytest.mark.parametrize("name,model,task,batch", CASES, ids=[c[0] for c in CASES])
-def test_engine_matches_brute_force(name, model, task, batch):
+def test_engine_matches_brute_force(name, model, task, batch, monkeypatch):
+    # capture every ungrouped convolution formed when asked (by default only from 8 channels)
+    monkeypatch.setattr("traintrace.features.projections.FORM_MIN_CHANNELS", 1)
     torch.manual_seed(1)
     model = model.double().eval()
     state = dict(model.state_dict(keep_vars=False))

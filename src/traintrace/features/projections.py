@@ -132,6 +132,9 @@ from traintrace.task import Task
 
 __all__ = ["BLOCK_ROWS", "ProjectedGradients", "Projection"]
 
+#: an ungrouped convolution is captured formed (when asked) from this many input channels on
+FORM_MIN_CHANNELS = 8
+
 Kind = Literal["loss", "measurement", "sampled"]
 ProjectionKind = Literal["kronecker", "gaussian", "rademacher", "sjlt"]
 
@@ -851,8 +854,10 @@ class ProjectedGradients:
         return gen
 
     def _formable(self, keys: frozenset[str]) -> frozenset[str]:
-        """The keys of ``keys`` the hooks can form: a hooked group with one role, an ungrouped
-        Conv1d/Conv2d."""
+        """The keys of ``keys`` the hooks form: a hooked group with one role, an ungrouped
+        Conv1d/Conv2d with at least :data:`FORM_MIN_CHANNELS` input channels (with fewer, the
+        batch-grouped convolution backward is slower than unfolding the input: 3.6 vs 1.6 ms
+        for 1 → 16 channels of 28×28, 2.9 vs 6.3 ms for 16 → 32 of 14×14, B = 256)."""
         return frozenset(
             g.key
             for g in self._groups
@@ -862,6 +867,7 @@ class ProjectedGradients:
             and g.type in CONVOLUTIONS
             and g.roles[0].out_rows
             and getattr(g.roles[0].module, "groups", 1) == 1
+            and getattr(g.roles[0].module, "in_channels", 0) >= FORM_MIN_CHANNELS
         )
 
     def _capture_batch(
