@@ -39,7 +39,7 @@ from torch.func import grad, jvp, vjp, vmap
 
 from traintrace.data import batch_size_of, to_plain
 from traintrace.exceptions import ConfigurationError, NonFiniteGradientError, TraintraceError
-from traintrace.features.gradients import GradientComputer
+from traintrace.features.gradients import GradientComputer, padding_rows_constant
 from traintrace.features.params import Layers, ParameterLayout
 from traintrace.task import Task
 
@@ -288,12 +288,13 @@ class ModelCurvatureOperator(CurvatureOperator):
             return matrix.clone()
         total = torch.zeros_like(matrix)
         count = 0
-        for batch in self.iter_batches():
-            size = batch_size_of(batch)
-            if size == 0:
-                continue
-            total += self._batch_sum(batch, matrix, offset=count)
-            count += size
+        with padding_rows_constant(self.model):  # jvp and vjp differentiate the same function
+            for batch in self.iter_batches():
+                size = batch_size_of(batch)
+                if size == 0:
+                    continue
+                total += self._batch_sum(batch, matrix, offset=count)
+                count += size
         if count == 0:
             raise ConfigurationError(f"batches holds no examples; {type(self).__name__} is empty")
         self.num_examples = count
@@ -311,7 +312,8 @@ class ModelCurvatureOperator(CurvatureOperator):
         size = batch_size_of(batch)
         if size == 0:
             raise ConfigurationError("batch_matmat got an empty batch")
-        out = self._batch_sum(batch, matrix, offset=0) / size + self.damping * matrix
+        with padding_rows_constant(self.model):
+            out = self._batch_sum(batch, matrix, offset=0) / size + self.damping * matrix
         self._check_finite(out)
         return out
 

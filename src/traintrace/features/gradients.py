@@ -53,7 +53,8 @@ def padding_rows_constant(model: nn.Module) -> Iterator[nn.Module]:
     ``Jᵀ H J v`` or ``jvp(grad)`` mixed the two conventions: the Gauss-Newton matrix came out
     asymmetric and indefinite (13% off on a small sequence model). Each such layer's outputs at
     padding positions are detached instead, which leaves every gradient as PyTorch computes it
-    and gives the derivatives of the same function in both modes.
+    and gives the derivatives of the same function in both modes. The curvature operators
+    (the only forward-mode users) hold it around their products.
     """
 
     def hook(module: nn.Module, args: tuple[Any, ...], out: Tensor) -> Tensor:
@@ -204,7 +205,7 @@ class GradientComputer:
 
         def fn(params: Mapping[str, Tensor]) -> Tensor:
             prefixed = {"model." + k: v for k, v in params.items()}
-            with eval_mode(self.model), padding_rows_constant(self.model):
+            with eval_mode(self.model):
                 return functional_call(self._wrapper, (prefixed, fixed), (batch,), kwargs)
 
         return fn
@@ -223,7 +224,7 @@ class GradientComputer:
         }
 
         def fn(params: Mapping[str, Tensor]) -> Tensor:
-            with eval_mode(self.model), padding_rows_constant(self.model):
+            with eval_mode(self.model):
                 return functional_call(
                     TaskForward(self.model, self.task),
                     (
