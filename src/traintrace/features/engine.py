@@ -150,6 +150,25 @@ def _cross_gram(x: Tensor, y: Tensor) -> Tensor:
     return g.transpose(2, 3) * _valid(y, x.dtype)[None, :, None, :]
 
 
+def _factored_macs(
+    train: list[tuple[Tensor, Tensor]], query: list[tuple[Tensor, Tensor]], g: _Group, m: int
+) -> int:
+    """Multiply-adds per training example of ``⟨G_i, D_j⟩`` from the factors' cross Grams."""
+    return sum(
+        m
+        * _positions(r)
+        * _positions(rq)
+        * (min(_width(r, g.rows), _width(rq, g.rows)) + min(_width(c, g.cols), _width(cq, g.cols)))
+        for r, c in train
+        for rq, cq in query
+    )
+
+
+def _formed_macs(train: list[tuple[Tensor, Tensor]], g: _Group, m: int) -> int:
+    """Multiply-adds per training example of forming ``G_i`` and taking ``m`` dot products."""
+    return sum(_positions(r) for r, _ in train) * g.rows * g.cols + m * g.rows * g.cols
+
+
 def _self_gram(x: Tensor, y: Tensor) -> Tensor:
     """``[B, T_x, T_y]`` dot products between the positions of ``x`` and ``y`` per example."""
     if not _is_tokens(x) and not _is_tokens(y):
@@ -392,12 +411,9 @@ class ExactGradients:
         q_terms = dirs.factored.get(g.key)
         if not q_terms:
             return False  # a zero direction: nothing is computed
-        # the training terms are not captured yet: the queries' own positions stand in for them
-        # (the same layer on inputs of the same size)
-        t_q = sum(_positions(rq) for rq, _ in q_terms)
-        factored = dirs.m * t_q * t_q * (g.rows + g.cols)
-        formed = t_q * g.rows * g.cols + dirs.m * g.rows * g.cols
-        return factored > formed
+        # the training terms are not captured yet: the queries' own stand in for them (the same
+        # layer on inputs of the same size)
+        return _factored_macs(q_terms, q_terms, g, dirs.m) > _formed_macs(q_terms, g, dirs.m)
 
     # -- contractions ---------------------------------------------------------------------------
     def dot(self, cap: Capture, dirs: Directions, *, per_unit: bool = False) -> Tensor:
@@ -454,23 +470,10 @@ class ExactGradients:
             rotated = rotate_terms(train_terms, q_s, q_a)
             return self._dot_dense(rotated, dirs.dense[g.key], g, ref)
         q_terms = dirs.factored.get(g.key) if g.key not in dirs.dense else None
-        if q_terms is not None:
-            factored = sum(
-                b
-                * m
-                * _positions(r)
-                * _positions(rq)
-                * (
-                    min(_width(r, g.rows), _width(rq, g.rows))
-                    + min(_width(c, g.cols), _width(cq, g.cols))
-                )
-                for r, c in train_terms
-                for rq, cq in q_terms
-            )
-            t_total = sum(_positions(r) for r, _ in train_terms)
-            formed = b * t_total * g.rows * g.cols + b * m * g.rows * g.cols
-            if factored <= formed:
-                return self._dot_factored(train_terms, q_terms, m, b, ref)
+        if q_terms is not None and _factored_macs(train_terms, q_terms, g, m) <= _formed_macs(
+            train_terms, g, m
+        ):
+            return self._dot_factored(train_terms, q_terms, m, b, ref)
         d = self._dense_of(dirs, g)
         if d is None:
             return zero
