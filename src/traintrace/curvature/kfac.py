@@ -695,6 +695,14 @@ class _Stats:
         return self._cast
 
 
+def _form_first(rows: int, cols: int, positions: float) -> bool:
+    """Whether forming an example's ``[rows, cols]`` gradient and rotating it
+    (``T·rows·cols + rows·cols·(rows + cols)`` multiply-adds) costs no more than rotating its
+    ``T`` positions' sides first (``T·(rows² + cols² + rows·cols)``)."""
+    form = positions * rows * cols + rows * cols * (rows + cols)
+    return form <= positions * (rows * rows + cols * cols + rows * cols)
+
+
 def _display(name: str) -> str:
     return name or "<root>"
 
@@ -874,10 +882,7 @@ class _Fitter:
             g = st.group
             if g.type not in CONVOLUTIONS or not self.num_examples:
                 continue
-            t = st.positions / self.num_examples
-            if t * g.rows * g.cols + g.rows * g.cols * (g.rows + g.cols) <= t * (
-                g.rows * g.rows + g.cols * g.cols + g.rows * g.cols
-            ):
+            if _form_first(g.rows, g.cols, st.positions / self.num_examples):
                 keys.add(key)
         return frozenset(keys)
 
@@ -1087,15 +1092,13 @@ class _Fitter:
             st.lam_sum.index_add_(1, uniq % cols, (sums**2).T.to(st.lam_sum.dtype))
             return
         positions = sum(r.shape[-1] for r, _ in terms)
-        rotate_first = positions * (rows * rows + cols * cols + rows * cols)
-        form_first = positions * rows * cols + rows * cols * (rows + cols)
         if len(terms) == 1 and terms[0][0].shape[-1] == 1 and not _is_tokens(terms[0][1]):
             r, c = rotate_terms(terms, q_s, q_a)[0]  # one position: (r')² (c')²ᵀ
             st.lam_sum += ((r[:, :, 0] ** 2).T @ c[:, :, 0] ** 2).to(st.lam_sum.dtype)
             return
         b = terms[0][0].shape[0]
         chunk = max(1, _CHUNK_ELEMENTS // (rows * cols))
-        if rotate_first < form_first:
+        if not _form_first(rows, cols, positions):
             rot = _densify_tokens(rotate_terms(terms, q_s, q_a), cols)
             for start in range(0, b, chunk):
                 m = _form(_slice_terms(rot, start, start + chunk, work), rows, cols)
