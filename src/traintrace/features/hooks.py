@@ -241,14 +241,8 @@ class HookedPass:
     ) -> Tensor:
         """A convolution's input side ``[lead, k_in, T]`` over the input channels in ``x``: its
         patches, or ``P_in`` applied to them (a convolution with ``P_in`` as kernels)."""
-        xin = x.to(self.dtype)
-        padding: Any = conv.padding
-        if conv.padding_mode != "zeros":
-            xin = F.pad(xin, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
-            padding = 0
         if identity:
-            if isinstance(padding, str) or (padding != 0 and any(padding)):
-                xin = F.pad(xin, conv._reversed_padding_repeated_twice)
+            xin = padded_input(conv, x, self.dtype)
             if role.type == "Conv1d":  # a Conv2d of kernel (1, k) over [B, C, 1, L]
                 return unfold_patches(
                     xin.unsqueeze(2),
@@ -258,7 +252,12 @@ class HookedPass:
                     bias=role.bias,
                 )
             return unfold_patches(xin, conv.kernel_size, conv.dilation, conv.stride, bias=role.bias)
-        assert p is not None
+        assert p is not None  # the convolution pads zeros itself (no padded copy of the input)
+        xin = x.to(self.dtype)
+        padding: Any = conv.padding
+        if conv.padding_mode != "zeros":
+            xin = F.pad(xin, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
+            padding = 0
         p_w = p[:, :-1] if role.bias else p
         kernel = p_w.reshape(k, x.shape[1], *conv.kernel_size)
         p_bias = p[:, -1] if role.bias else None
@@ -306,12 +305,9 @@ class HookedPass:
 
     def _accumulate(self, group: _Group, role: _Role, grad: Tensor, proj_in: Tensor) -> None:
         if group.key in self.form:  # proj_in is the padded input
-            b = self.size
-            g = grad.reshape(b, grad.shape[1], *grad.shape[2:]).to(self.dtype)
-            weight = grouped_conv_weight_grads(role.module, g, proj_in).reshape(b, g.shape[1], -1)
-            if role.bias:
-                weight = torch.cat([weight, g.reshape(b, g.shape[1], -1).sum(2, keepdim=True)], 2)
-            self._add(self.formed, group.key, weight.detach())
+            weight, bias = self._conv_grads(role.module, grad, proj_in)
+            formed = torch.cat([weight, bias.unsqueeze(2)], 2) if role.bias else weight
+            self._add(self.formed, group.key, formed.detach())
             return
         identity = (group.k_rows == group.rows) if role.out_rows else (group.k_cols == group.cols)
         p_out = None
@@ -350,18 +346,13 @@ class HookedPass:
                 self.abs, group.key, torch.bmm(rows.abs(), cols.abs().transpose(1, 2)).detach()
             )
 
-    def _grouped_conv_grads(
-        self, norm: _Norm, grad: Tensor, x_padded: Tensor
-    ) -> dict[str | None, Tensor]:
-        """A many-group convolution's per-example weight and bias gradients, flat per example."""
+    def _conv_grads(self, conv: nn.Module, grad: Tensor, x_padded: Tensor) -> tuple[Tensor, Tensor]:
+        """A convolution's per-example weight gradients ``[B, out, in/groups·k]`` (one backward
+        over batch × groups) and bias gradients ``[B, out]``, from its padded input."""
         b = self.size
         g = grad.reshape(b, grad.shape[1], *grad.shape[2:]).to(self.dtype)
-        parts: dict[str | None, Tensor] = {}
-        if norm.weight is not None:
-            parts[norm.weight] = grouped_conv_weight_grads(norm.module, g, x_padded).reshape(b, -1)
-        if norm.bias is not None:
-            parts[norm.bias] = g.reshape(b, g.shape[1], -1).sum(2)
-        return parts
+        weight = grouped_conv_weight_grads(conv, g, x_padded).reshape(b, g.shape[1], -1)
+        return weight, g.reshape(b, g.shape[1], -1).sum(2)
 
     @staticmethod
     def _add(acc: dict[str, Tensor], key: str, value: Tensor) -> None:
@@ -371,7 +362,8 @@ class HookedPass:
     def _accumulate_norm(self, norm: _Norm, grad: Tensor, inputs: tuple[Tensor, ...]) -> None:
         b = self.size
         if norm.type == "GroupedConv":
-            parts = self._grouped_conv_grads(norm, grad, inputs[0])
+            weight, bias = self._conv_grads(norm.module, grad, inputs[0])
+            parts = {norm.weight: weight.reshape(b, -1), norm.bias: bias}
         elif norm.type == "BatchNorm":
             x, mean, inv_std = inputs
             g = grad.reshape(b, grad.shape[1], -1)
