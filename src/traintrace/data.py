@@ -43,6 +43,7 @@ from torch.utils.data import (
     WeightedRandomSampler,
     default_collate,
 )
+from tqdm.auto import tqdm
 
 from traintrace.exceptions import BatchFormatError, DataOrderError
 
@@ -442,6 +443,22 @@ def iterate_batches(loader: DataLoader, device: torch.device) -> Iterator[tuple[
         size = batch_size_of(plain)
         yield offset, plain
         offset += size
+
+
+def progress_batches(
+    loader: DataLoader, device: torch.device, desc: str, show: bool
+) -> Iterator[tuple[int, Any]]:
+    """:func:`iterate_batches` under a transient progress bar counting batches (out of the total
+    when the data set knows its length)."""
+    total = len(loader) if dataset_length(loader) is not None else None
+    yield from tqdm(
+        iterate_batches(loader, device),
+        total=total,
+        desc=desc,
+        unit="batch",
+        disable=not show,
+        leave=False,
+    )
 
 
 def dataset_length(loader: DataLoader) -> int | None:

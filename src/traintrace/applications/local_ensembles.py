@@ -21,7 +21,7 @@ from traintrace.checkpoints import Checkpoint, require_checkpoint
 from traintrace.curvature import top_eigenpairs
 from traintrace.curvature.lanczos import ProgressOperator
 from traintrace.curvature.operators import curvature_operator
-from traintrace.data import as_loader, dataset_length, iterate_batches
+from traintrace.data import as_loader, progress_batches
 from traintrace.exceptions import ConfigurationError
 from traintrace.features.gradients import GradientComputer
 from traintrace.features.params import Layers
@@ -183,13 +183,8 @@ class LocalEnsembles:
         loader = as_loader(queries, self.batch_size)
         device = self.operator.device
         rows = []
-        for offset, batch in tqdm(
-            iterate_batches(loader, device),
-            total=len(loader) if dataset_length(loader) is not None else None,
-            desc="local ensembles score",
-            unit="batch",
-            disable=not self.progress,
-            leave=False,
+        for offset, batch in progress_batches(
+            loader, device, "local ensembles score", self.progress
         ):
             rows.append(
                 self._grads.per_example(

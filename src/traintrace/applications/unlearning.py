@@ -18,12 +18,17 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
-from tqdm.auto import tqdm
 
 from traintrace.checkpoints import Checkpoint, require_checkpoint
 from traintrace.curvature import KFAC, MFAC, Exact, MatrixOperator, Solver, make_solver
 from traintrace.curvature.operators import CurvatureOperator, curvature_operator
-from traintrace.data import as_loader, batch_size_of, dataset_length, iterate_batches
+from traintrace.data import (
+    as_loader,
+    batch_size_of,
+    dataset_length,
+    iterate_batches,
+    progress_batches,
+)
 from traintrace.exceptions import ConfigurationError
 from traintrace.features.gradients import GradientComputer
 from traintrace.features.params import Layers
@@ -387,13 +392,7 @@ def unlearn(
     device = theta.device
     total = torch.zeros_like(theta)
     count = 0
-    for offset, batch in tqdm(
-        iterate_batches(removed, device),
-        desc="unlearn: removed gradients",
-        unit="batch",
-        disable=not progress,
-        leave=False,
-    ):
+    for offset, batch in progress_batches(removed, device, "unlearn: removed gradients", progress):
         g = grads.per_example(state, batch, "loss", offset=offset, where="removed examples")
         total += g.sum(dim=0)
         count += g.shape[0]

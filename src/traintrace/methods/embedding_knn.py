@@ -21,10 +21,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from traintrace.checkpoints import Checkpoint
-from traintrace.data import iterate_batches
+from traintrace.data import progress_batches
 from traintrace.exceptions import ConfigurationError
 from traintrace.features.gradients import eval_mode, forward_at
 from traintrace.features.params import module_by_name
@@ -96,13 +95,7 @@ class LayerInputs(FeatureServing):
         self, state: dict[str, Tensor], loader: DataLoader, device: torch.device, progress: bool
     ) -> Iterator[Tensor]:
         """The embeddings ``[B, d]`` of every batch of ``loader`` at ``state``."""
-        for _, batch in tqdm(
-            iterate_batches(loader, device),
-            desc="embedding",
-            unit="batch",
-            disable=not progress,
-            leave=False,
-        ):
+        for _, batch in progress_batches(loader, device, "embedding", progress):
             yield self._forward(state, batch)
 
     def _embed_all(self, est: GradientEstimator, c: int, loader: DataLoader) -> Tensor:

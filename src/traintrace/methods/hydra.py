@@ -32,10 +32,9 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from traintrace.checkpoints import Checkpoint
-from traintrace.data import as_loader, batch_size_of, dataset_length, iterate_batches, to_plain
+from traintrace.data import as_loader, batch_size_of, dataset_length, progress_batches, to_plain
 from traintrace.exceptions import ConfigurationError, NotFittedError
 from traintrace.features.params import Layers, select_parameters
 from traintrace.methods.base import Data
@@ -797,13 +796,8 @@ class RecordedTrajectory(FeatureServing):
         source = as_feature_source(est.train_features_)
         out = torch.zeros(est.n_train_, dtype=est.recorder_.dtype)
         count = 0
-        for offset, batch in tqdm(
-            iterate_batches(loader, est.device),
-            total=len(loader) if dataset_length(loader) is not None else None,
-            desc="HYDRA self-influence",
-            unit="batch",
-            disable=not est.progress,
-            leave=False,
+        for offset, batch in progress_batches(
+            loader, est.device, "HYDRA self-influence", est.progress
         ):
             g = self.gradients.features(est.state_, batch, "loss", f"training batch at {offset}")
             size = g.shape[0]

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from traintrace.checkpoints import model_fingerprint
-from traintrace.data import DataHasher, batch_size_of, iterate_batches
+from traintrace.data import DataHasher, batch_size_of, iterate_batches, progress_batches
 from traintrace.exceptions import ConfigurationError, FeatureMemoryError, StoreMismatchError
 from traintrace.features.projections import ProjectedGradients
 from traintrace.features.store import FeatureStore, TemporaryStoreDir, temporary_store_dir
@@ -83,12 +83,8 @@ class FeatureServing:
         states = [est.state(c) for c in range(len(est.checkpoints))]
         pending: list[list[Tensor]] = [[] for _ in states]
         count = 0
-        for offset, batch in tqdm(
-            iterate_batches(queries, est.device),
-            desc=f"{type(est).__name__} queries",
-            unit="batch",
-            disable=not est.progress,
-            leave=False,
+        for offset, batch in progress_batches(
+            queries, est.device, f"{type(est).__name__} queries", est.progress
         ):
             for c, state in enumerate(states):
                 pending[c].append(self._query_features(est, c, state, batch, offset))

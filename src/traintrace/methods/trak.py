@@ -10,10 +10,9 @@ from typing import Any, Literal
 
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from traintrace.checkpoints import Checkpoint
-from traintrace.data import iterate_batches
+from traintrace.data import progress_batches
 from traintrace.exceptions import ConfigurationError
 from traintrace.features.params import Layers
 from traintrace.features.projections import Projection
@@ -215,12 +214,8 @@ class TRAK(GradientEstimator):
                     gram.accumulate(rows)
             else:
                 state = self.state(c)
-                for offset, batch in tqdm(
-                    iterate_batches(loader, self.device),
-                    desc=f"TRAK Φᵀ Φ ({self.checkpoints[c].name})",
-                    unit="batch",
-                    disable=not self.progress,
-                    leave=False,
+                for offset, batch in progress_batches(
+                    loader, self.device, f"TRAK Φᵀ Φ ({self.checkpoints[c].name})", self.progress
                 ):
                     gram.accumulate(
                         self.featurizer.features.features(
