@@ -64,6 +64,18 @@ def _fit(model, x, y, steps):
     return opt
 
 
+def _train(indices, seed, steps):
+    """One line in the counter file per call, then ``steps`` SGD steps on ``indices``."""
+    with open(CALLS, "a") as fh:
+        fh.write(f"{{len(indices)}} {{seed}}\\n")
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    x, y = train_set().tensors
+    idx = torch.as_tensor(indices)
+    _fit(model, x[idx], y[idx], steps)
+    return model
+
+
 def train_fn(indices, seed):
     import os
 
@@ -71,25 +83,11 @@ def train_fn(indices, seed):
         done = len(open(CALLS).read().splitlines()) if os.path.exists(CALLS) else 0
         if done >= int(open(CALLS + ".stop").read()):
             raise KeyboardInterrupt
-    with open(CALLS, "a") as fh:
-        fh.write(f"{{len(indices)}} {{seed}}\\n")
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
-    x, y = train_set().tensors
-    idx = torch.as_tensor(indices)
-    _fit(model, x[idx], y[idx], 30)
-    return model
+    return _train(indices, seed, 30)
 
 
 def train_fn_longer(indices, seed):
-    with open(CALLS, "a") as fh:
-        fh.write(f"{{len(indices)}} {{seed}}\\n")
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
-    x, y = train_set().tensors
-    idx = torch.as_tensor(indices)
-    _fit(model, x[idx], y[idx], 40)
-    return model
+    return _train(indices, seed, 40)
 
 
 def make_regressor():
@@ -381,7 +379,9 @@ def test_the_experiment_name_follows_the_specs_and_the_source(project, tmp_path)
     source = folder / "evaluser_proj.py"
     original = source.read_text()
     try:  # an edit of the user's module (e.g. more training steps) is another experiment
-        source.write_text(original.replace("_fit(model, x[idx], y[idx], 30)", "_fit(m, 31)"))
+        edited = original.replace("_train(indices, seed, 30)", "_train(indices, seed, 31)")
+        assert edited != original
+        source.write_text(edited)
         assert experiment_name(cfg, 40, 5) != name
     finally:
         source.write_text(original)
