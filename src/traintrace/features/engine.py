@@ -392,13 +392,13 @@ class ExactGradients:
         """Keys of the convolution groups whose training gradients :meth:`dot` with every one of
         ``dirs`` would form per example (dense directions in the layer's own basis, or factored
         ones where forming is cheaper): capturing them formed skips their patches."""
-        keys = set()
-        for g in self._groups:
-            if g.type not in CONVOLUTIONS:
-                continue
-            if all(self._forms(d, g) for d in dirs) and dirs:
-                keys.add(g.key)
-        return frozenset(keys)
+        if not dirs:
+            return frozenset()
+        return frozenset(
+            g.key
+            for g in self._groups
+            if g.type in CONVOLUTIONS and all(self._forms(d, g) for d in dirs)
+        )
 
     @staticmethod
     def _forms(dirs: Directions, g: _Group) -> bool:
