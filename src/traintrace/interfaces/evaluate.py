@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import io
 import json
 import math
 import re
@@ -61,6 +62,7 @@ from torch.utils.data import TensorDataset
 
 import traintrace as tt
 from traintrace.curvature import LaplaceEvidence
+from traintrace.features.store import write_atomic
 from traintrace.interfaces.config import EvaluateUserConfig
 from traintrace.interfaces.report import HTMLReport
 
@@ -659,9 +661,9 @@ def _ensemble_member(
     if not path.exists():
         state = train_fn(np.arange(n_train, dtype=np.int64), seed).state_dict()
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save({k: v.detach().cpu() for k, v in state.items()}, tmp)
-        tmp.replace(path)  # atomic: a killed run never leaves half a file
+        buffer = io.BytesIO()
+        torch.save({k: v.detach().cpu() for k, v in state.items()}, buffer)
+        write_atomic(path, buffer.getvalue(), durable=False)  # a killed run leaves no half file
     return tt.Checkpoint(str(path), name=f"retrained seed {seed}")
 
 
