@@ -27,6 +27,7 @@ import tempfile
 import warnings
 import weakref
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -37,6 +38,7 @@ from traintrace.checkpoints import Checkpoint
 from traintrace.data import as_loader, batch_size_of, dataset_length, progress_batches, to_plain
 from traintrace.exceptions import ConfigurationError, NotFittedError
 from traintrace.features.params import Layers, select_parameters
+from traintrace.features.store import write_atomic
 from traintrace.methods.base import Data
 from traintrace.methods.gradient import GradientEstimator
 from traintrace.methods.preconditioners import Identity
@@ -146,12 +148,7 @@ def _numpy_dtype(model: nn.Module, dtype: torch.dtype | None) -> np.dtype:
 
 def _write_json(path: str, payload: dict[str, Any]) -> None:
     """Atomic write: a killed process leaves the old file or the new one, never half of one."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as fh:
-        json.dump(payload, fh, indent=1)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    write_atomic(Path(path), json.dumps(payload, indent=1), durable=True)
 
 
 def _learning_rate(lr: Any, warned: list[bool]) -> float:
